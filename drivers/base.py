@@ -1,0 +1,87 @@
+"""The driver boundary: one small Protocol, two implementations behind one driver class.
+
+`MicroManagerDriver` (focaltrack.drivers.micromanager) works on any MMCore-like core:
+pycromanager's ``Core`` (real hardware) or ``SimulatedCore`` (focaltrack.drivers.simcore).
+Nothing outside this package knows which core it has.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+class DriverError(RuntimeError):
+    """A hardware fault the caller can report: a stage timeout, a camera that stopped."""
+
+
+class StageTimeoutError(DriverError):
+    """The focus stage did not reach the requested position within its timeout."""
+
+
+class CameraTimeoutError(DriverError):
+    """The camera delivered no frame within the timeout."""
+
+
+@dataclass(frozen=True, slots=True)
+class CameraInfo:
+    """What the analysis needs to know about the camera, in physical units."""
+
+    width: int
+    height: int
+    bit_depth: int
+    pixel_size_um: float  # in the sample plane (camera pixel / magnification)
+    exposure_ms: float
+    name: str = "camera"
+    focus_device: str = "Z"
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One camera image with the facts needed to place it in time and space.
+
+    ``index`` is the camera's own image number: gaps in it are dropped frames.
+    ``t_acq_s`` is the acquisition time, UNIX epoch seconds.
+    """
+
+    pixels: np.ndarray  # 2-D, uint16 (or uint8), rows = y, columns = x
+    index: int
+    t_acq_s: float
+    stage_z_um: float
+    exposure_ms: float
+
+
+@runtime_checkable
+class Driver(Protocol):
+    """A microscope as the rest of focaltrack sees it."""
+
+    def describe(self) -> CameraInfo: ...
+
+    def move_z(self, z_um: float, *, timeout_s: float = 5.0, settle_s: float = 0.0) -> None:
+        """Move the focus drive to ``z_um`` and wait until it is there (or raise)."""
+        ...
+
+    def get_z(self) -> float: ...
+
+    def snap(self, *, timeout_s: float = 5.0) -> Frame: ...
+
+    def start_stream(self, interval_ms: float = 0.0) -> None: ...
+
+    def next_frame(self, *, timeout_s: float = 1.0) -> Frame:
+        """The next streamed frame, or `CameraTimeoutError` after ``timeout_s``."""
+        ...
+
+    def frames(self, *, timeout_s: float = 1.0) -> Iterator[Frame]: ...
+
+    def stop_stream(self) -> None: ...
+
+    @property
+    def dropped_frames(self) -> int:
+        """Frames lost so far in streaming (gaps in the camera's image numbers)."""
+        ...
+
+    def close(self) -> None: ...
