@@ -27,6 +27,10 @@ class CameraTimeoutError(DriverError):
     """The camera delivered no frame within the timeout."""
 
 
+class StreamEnded(DriverError):
+    """The stream is over: a finite sequence delivered all its frames, or it was stopped."""
+
+
 @dataclass(frozen=True, slots=True)
 class CameraInfo:
     """What the analysis needs to know about the camera, in physical units."""
@@ -69,7 +73,9 @@ class Driver(Protocol):
 
     def snap(self, *, timeout_s: float = 5.0) -> Frame: ...
 
-    def start_stream(self, interval_ms: float = 0.0) -> None: ...
+    def start_stream(self, interval_ms: float = 0.0, *, n_frames: int | None = None) -> None:
+        """Start streaming; ``n_frames`` makes it a finite sequence that ends in `StreamEnded`."""
+        ...
 
     def next_frame(self, *, timeout_s: float = 1.0) -> Frame:
         """The next streamed frame, or `CameraTimeoutError` after ``timeout_s``."""
