@@ -1,0 +1,484 @@
+"""``focaltrack track``: link a localization table into Kalman tracks, offline.
+
+Input: the localizer's CSV (``frame,x_um,y_um,z_um[,score][,t_s],...``; other columns are
+ignored). Frame times come from ``t_s`` when the column exists, otherwise ``--fps`` gives
+them as ``frame / fps``. Output: ``.csv`` or ``.h5``, one row per live track per frame.
+See docs/tracking.md for the model, the parameters and both file formats.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from focaltrack.models.tracker import TrackerConfig, TrackTable
+
+log = logging.getLogger("focaltrack.track")
+
+SCHEMA_VERSION = "1"
+REQUIRED = ("frame", "x_um", "y_um", "z_um")
+CSV_COLUMNS = (
+    "frame",
+    "t_s",
+    "track_id",
+    "x_um",
+    "y_um",
+    "z_um",
+    "vx_um_s",
+    "vy_um_s",
+    "vz_um_s",
+    "status",
+    "sigma_x_um",
+    "sigma_y_um",
+    "sigma_z_um",
+    "age_frames",
+    "hits",
+    "misses",
+    "localization_row",
+)
+_MOTION_ALIASES = {
+    "cv": "constant_velocity",
+    "constant_velocity": "constant_velocity",
+    "rw": "random_walk",
+    "random_walk": "random_walk",
+}
+
+
+# --------------------------------------------------------------------------- arguments
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return v
+
+
+def _non_negative_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
+    return v
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _probability(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
+    return v
+
+
+def _noise_pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(
+            f"expected SIGMA_LATERAL_UM,SIGMA_AXIAL_UM (two positive numbers), got {text!r}"
+        )
+    return vals[0], vals[1]
+
+
+def _motion(text: str) -> str:
+    try:
+        return _MOTION_ALIASES[text.strip().lower()]
+    except KeyError:
+        raise argparse.ArgumentTypeError(
+            f"motion model must be cv (constant_velocity) or rw (random_walk), got {text!r}"
+        ) from None
+
+
+def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
+    """The tracker's parameters as options (defaults: `TrackerConfig`)."""
+    from focaltrack.models.tracker import TrackerConfig
+
+    d = TrackerConfig()
+    g = p.add_argument_group("tracker (docs/tracking.md)")
+    g.add_argument(
+        "--motion",
+        type=_motion,
+        default=None,
+        help="cv (constant velocity, the default) or rw (random walk, for Brownian samples)",
+    )
+    g.add_argument(
+        "--model-noise",
+        type=_noise_pair,
+        default=None,
+        metavar="LAT_UM,AX_UM",
+        help="localization noise, standard deviation per lateral axis and along z, µm "
+        f"({d.sigma_lateral_um:g},{d.sigma_axial_um:g}); use the localizer's measured errors",
+    )
+    g.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        help="model bundle: take the localization noise from its validation errors "
+        "(--model-noise overrides)",
+    )
+    g.add_argument(
+        "--accel-um-s2",
+        type=_non_negative_float,
+        default=None,
+        help=f"cv: white-noise acceleration, µm/s² ({d.accel_um_s2:g})",
+    )
+    g.add_argument(
+        "--diffusion-um2-s",
+        type=_non_negative_float,
+        default=None,
+        help=f"rw: diffusion coefficient, µm²/s ({d.diffusion_um2_s:g})",
+    )
+    g.add_argument(
+        "--init-velocity-std-um-s",
+        type=_positive_float,
+        default=None,
+        help=f"cv: velocity uncertainty of a new track, µm/s ({d.init_velocity_std_um_s:g})",
+    )
+    g.add_argument(
+        "--gate-probability",
+        type=_probability,
+        default=None,
+        help=f"χ² gate probability ({d.gate_probability:g})",
+    )
+    g.add_argument(
+        "--confirm-hits",
+        type=_positive_int,
+        default=None,
+        help=f"M: hits that confirm a track ({d.confirm_hits})",
+    )
+    g.add_argument(
+        "--confirm-window",
+        type=_positive_int,
+        default=None,
+        help=f"N: ... within its first N frames ({d.confirm_window})",
+    )
+    g.add_argument(
+        "--max-misses",
+        type=_positive_int,
+        default=None,
+        help=f"K: consecutive misses that delete a confirmed track ({d.max_misses})",
+    )
+    g.add_argument(
+        "--max-births-per-frame",
+        type=_positive_int,
+        default=None,
+        help=f"new tracks per frame at most ({d.max_births_per_frame})",
+    )
+
+
+def config_from_args(args: argparse.Namespace, **defaults: Any) -> TrackerConfig:
+    """A `TrackerConfig` from the options of `add_tracker_arguments` (unset: ``defaults``,
+    then the `TrackerConfig` defaults)."""
+    from focaltrack.models.tracker import TrackerConfig
+
+    kw: dict[str, Any] = dict(defaults)
+    if args.motion is not None:
+        kw["motion"] = args.motion
+    if args.model_noise is not None:
+        kw["sigma_lateral_um"], kw["sigma_axial_um"] = args.model_noise
+    elif args.model is not None:
+        from focaltrack.models.bundle import read_meta
+        from focaltrack.models.tracker import noise_from_validation
+
+        try:
+            lat, ax = noise_from_validation(read_meta(args.model))
+        except ValueError as e:
+            raise ValueError(f"{args.model}: {e}; give --model-noise") from e
+        log.info("localization noise from %s: %.3g µm lateral, %.3g µm axial", args.model, lat, ax)
+        kw["sigma_lateral_um"], kw["sigma_axial_um"] = lat, ax
+    for name in (
+        "accel_um_s2",
+        "diffusion_um2_s",
+        "init_velocity_std_um_s",
+        "gate_probability",
+        "confirm_hits",
+        "confirm_window",
+        "max_misses",
+        "max_births_per_frame",
+    ):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    return TrackerConfig(**kw)
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "track",
+        help="link a localization CSV into Kalman tracks (CSV or HDF5 out)",
+        description=(
+            "Link per-frame 3D localizations into tracks with a Kalman filter per track "
+            "(constant velocity or random walk), Mahalanobis gating and global assignment. "
+            "Rows with NaN or infinite coordinates are rejected and counted. Frames missing "
+            "from the file between the first and the last are processed as empty frames."
+        ),
+    )
+    p.add_argument("input", type=Path, help="localizations CSV: frame,x_um,y_um,z_um[,score,t_s]")
+    p.add_argument("--out", required=True, type=Path, help="tracks file, .csv or .h5")
+    p.add_argument(
+        "--fps",
+        type=_positive_float,
+        default=None,
+        help="frame rate, Hz: frame times are frame / fps (needed without a t_s column)",
+    )
+    p.add_argument(
+        "--confirmed-only",
+        action="store_true",
+        help="write only tracks that were confirmed at some point (their tentative start too)",
+    )
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+    add_tracker_arguments(p)
+    p.set_defaults(func=run)
+
+
+# --------------------------------------------------------------------------- input
+@dataclass(frozen=True, slots=True)
+class LocalizationTable:
+    frame: np.ndarray  # (n,) int64
+    xyz_um: np.ndarray  # (n, 3), may hold NaN
+    t_s: np.ndarray | None  # (n,)
+    score: np.ndarray | None  # (n,)
+
+
+def read_localizations(path: Path) -> LocalizationTable:
+    """Read the localizer's CSV; errors name the line and the column."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    with path.open(newline="") as fh:
+        reader = csv.reader(fh)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ValueError(f"{path}: empty file (expected a header row)") from None
+        missing = [c for c in REQUIRED if c not in header]
+        if missing:
+            raise ValueError(
+                f"{path}: missing column(s) {', '.join(missing)}; "
+                f"need {','.join(REQUIRED)} (found {','.join(header)})"
+            )
+        col = {name: header.index(name) for name in (*REQUIRED, "t_s", "score") if name in header}
+        frames: list[int] = []
+        values: list[list[float]] = []
+        floats = [c for c in ("x_um", "y_um", "z_um", "t_s", "score") if c in col]
+        for line, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue
+            if len(row) < len(header):
+                raise ValueError(
+                    f"{path}, line {line}: {len(row)} fields, header has {len(header)}"
+                )
+            try:
+                f = float(row[col["frame"]])
+            except ValueError:
+                raise ValueError(
+                    f"{path}, line {line}: frame {row[col['frame']]!r} is not a number"
+                ) from None
+            if not (math.isfinite(f) and f == int(f)):
+                raise ValueError(
+                    f"{path}, line {line}: frame {row[col['frame']]!r} is not an integer"
+                )
+            frames.append(int(f))
+            vals = []
+            for c in floats:
+                text = row[col[c]].strip()
+                try:
+                    vals.append(float(text) if text else math.nan)
+                except ValueError:
+                    raise ValueError(f"{path}, line {line}: {c} {text!r} is not a number") from None
+            values.append(vals)
+    arr = np.asarray(values, dtype=np.float64).reshape(len(values), len(floats))
+    get = {c: arr[:, i] for i, c in enumerate(floats)}
+    return LocalizationTable(
+        frame=np.asarray(frames, dtype=np.int64),
+        xyz_um=np.stack([get["x_um"], get["y_um"], get["z_um"]], axis=1),
+        t_s=get.get("t_s"),
+        score=get.get("score"),
+    )
+
+
+# --------------------------------------------------------------------------- output
+def write_tracks(
+    table: TrackTable, out: Path, config: TrackerConfig, meta: dict[str, Any] | None = None
+) -> Path:
+    """Write ``table`` as CSV or HDF5 (by suffix), atomically."""
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".csv", ".h5", ".hdf5"):
+        raise ValueError(f"{out}: output must end in .csv or .h5")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    os.close(fd)
+    try:
+        if suffix == ".csv":
+            _write_csv(table, Path(tmp))
+        else:
+            _write_h5(table, Path(tmp), config, meta or {})
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out
+
+
+def _columns(table: TrackTable) -> dict[str, np.ndarray]:
+    sig = np.sqrt(np.maximum(np.diagonal(table.cov_xyz_um2, axis1=1, axis2=2), 0.0))
+    return {
+        "frame": table.frame,
+        "t_s": table.t_s,
+        "track_id": table.track_id,
+        "x_um": table.xyz_um[:, 0],
+        "y_um": table.xyz_um[:, 1],
+        "z_um": table.xyz_um[:, 2],
+        "vx_um_s": table.velocity_um_s[:, 0],
+        "vy_um_s": table.velocity_um_s[:, 1],
+        "vz_um_s": table.velocity_um_s[:, 2],
+        "status": table.confirmed,
+        "sigma_x_um": sig[:, 0],
+        "sigma_y_um": sig[:, 1],
+        "sigma_z_um": sig[:, 2],
+        "age_frames": table.age_frames,
+        "hits": table.hits,
+        "misses": table.misses,
+        "localization_row": table.localization_row,
+    }
+
+
+def _write_csv(table: TrackTable, path: Path) -> None:
+    cols = _columns(table)
+    text = {}
+    for name, v in cols.items():
+        if name == "status":
+            text[name] = np.where(v, "confirmed", "tentative").tolist()
+        elif v.dtype.kind in "iub":
+            text[name] = v.astype(np.int64).tolist()
+        else:
+            text[name] = (
+                [repr(float(x)) for x in v.tolist()]
+                if name == "t_s"
+                else [f"{x:.6g}" for x in v.tolist()]
+            )
+    with path.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(CSV_COLUMNS)
+        w.writerows(zip(*(text[c] for c in CSV_COLUMNS), strict=True))
+
+
+_UNITS = {
+    "t_s": "s",
+    "x_um": "um",
+    "y_um": "um",
+    "z_um": "um",
+    "vx_um_s": "um/s",
+    "vy_um_s": "um/s",
+    "vz_um_s": "um/s",
+    "sigma_x_um": "um",
+    "sigma_y_um": "um",
+    "sigma_z_um": "um",
+    "cov_xyz_um2": "um^2",
+}
+
+
+def _write_h5(table: TrackTable, path: Path, config: TrackerConfig, meta: dict[str, Any]) -> None:
+    import h5py
+
+    cols = _columns(table)
+    status_t = h5py.enum_dtype({"tentative": 0, "confirmed": 1}, basetype="u1")
+    with h5py.File(path, "w") as f:
+        g = f.create_group("tracks")
+        g.attrs["schema_version"] = SCHEMA_VERSION
+        g.attrs["format"] = "focaltrack-tracks"
+        g.attrs["n_rows"] = len(table)
+        g.attrs["n_tracks"] = len(np.unique(table.track_id))
+        g.attrs["tracker_config"] = json.dumps(_config_dict(config))
+        for k, v in meta.items():
+            g.attrs[k] = v
+        for name in CSV_COLUMNS:
+            v = cols[name]
+            if name == "status":
+                ds = g.create_dataset(name, data=v.astype(np.uint8), dtype=status_t)
+            else:
+                ds = g.create_dataset(name, data=v)
+            if name in _UNITS:
+                ds.attrs["units"] = _UNITS[name]
+        ds = g.create_dataset("cov_xyz_um2", data=table.cov_xyz_um2)
+        ds.attrs["units"] = _UNITS["cov_xyz_um2"]
+
+
+def _config_dict(config: TrackerConfig) -> dict[str, Any]:
+    d = asdict(config)
+    d["motion"] = config.motion.value
+    return d
+
+
+# --------------------------------------------------------------------------- run
+def run(args: argparse.Namespace) -> int:
+    from focaltrack.models.tracker import KalmanTracker, link_table
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".csv", ".h5", ".hdf5"):
+        raise ValueError(f"{out}: output must end in .csv or .h5")
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists (use --force to overwrite)")
+    config = config_from_args(args)
+    locs = read_localizations(args.input)
+    if locs.t_s is None and args.fps is None:
+        raise ValueError(f"{args.input}: no t_s column; give the frame rate with --fps")
+    if locs.t_s is not None and args.fps is not None:
+        log.info("using the t_s column for frame times; --fps is ignored")
+    tracker = KalmanTracker(config)
+    table = link_table(
+        locs.frame,
+        locs.xyz_um,
+        locs.t_s,
+        fps=None if locs.t_s is not None else args.fps,
+        scores=locs.score,
+        tracker=tracker,
+    )
+    if args.confirmed_only:
+        table = table.ever_confirmed()
+    meta = {
+        "input": str(Path(args.input).resolve()),
+        "n_localizations": len(locs.frame),
+        "n_rejected_non_finite": tracker.rejected_count,
+        "n_dropped_over_cap": tracker.dropped_count,
+        "confirmed_only": bool(args.confirmed_only),
+    }
+    write_tracks(table, out, config, meta)
+    n_tracks = len(np.unique(table.track_id))
+    n_conf = len(np.unique(table.track_id[table.confirmed]))
+    n_frames = len(np.unique(table.frame))
+    if tracker.rejected_count:
+        print(
+            f"rejected {tracker.rejected_count} localization(s) with NaN or infinite coordinates",
+            file=sys.stderr,
+        )
+    if tracker.dropped_count:
+        print(
+            f"dropped {tracker.dropped_count} localization(s) over "
+            f"{config.max_localizations_per_frame} per frame",
+            file=sys.stderr,
+        )
+    print(
+        f"{len(locs.frame)} localizations, {tracker.frame_count} frames -> {n_tracks} tracks "
+        f"({n_conf} confirmed), {len(table)} rows over {n_frames} frames: {out}"
+    )
+    return 0
