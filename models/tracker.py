@@ -45,14 +45,15 @@ import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import TYPE_CHECKING
 
 import numpy as np
-from filterpy.common import Q_continuous_white_noise
-from filterpy.kalman import KalmanFilter
 from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
-from scipy.stats import chi2
+
+if TYPE_CHECKING:
+    from filterpy.kalman import KalmanFilter
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,8 @@ class TrackerConfig:
     @property
     def gate_d2(self) -> float:
         """Gate on the squared Mahalanobis distance (χ² quantile, 3 degrees of freedom)."""
+        from scipy.stats import chi2  # scipy.stats is slow to import; keep the CLI start fast
+
         return float(chi2.ppf(self.gate_probability, 3))
 
     @property
@@ -163,6 +166,10 @@ class TrackerConfig:
         """F and Q for a step of ``dt_s`` seconds (state order x, y, z[, vx, vy, vz])."""
         if self.motion is MotionModel.RANDOM_WALK:
             return np.eye(3), np.eye(3) * (2.0 * self.diffusion_um2_s * dt_s)
+        # filterpy pulls in scipy.stats (~1 s): imported here, not at module load, so the
+        # CLI starts fast.
+        from filterpy.common import Q_continuous_white_noise
+
         f = np.eye(6)
         f[0:3, 3:6] = np.eye(3) * dt_s
         q = Q_continuous_white_noise(
@@ -524,6 +531,8 @@ class KalmanTracker:
             raise KeyError(f"no live track with id {track_id}")
         i = rows[0]
         d = self.config.dim_x
+        from filterpy.kalman import KalmanFilter
+
         kf = KalmanFilter(dim_x=d, dim_z=3)
         kf.x = self._state.x[i].reshape(d, 1).copy()
         kf.P = self._state.p[i].copy()
