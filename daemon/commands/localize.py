@@ -1,0 +1,235 @@
+"""``focaltrack localize``: every emitter in every frame of a recording, with a trained model.
+
+Inputs: a multi-page TIFF (every page a frame, in file order) or an HDF5 file (a 3-D
+dataset (N, H, W): ``--dataset NAME``, or the file's only 3-D dataset; a 2-D dataset is one
+frame). Output by extension: ``.csv`` (header ``frame,x_um,y_um,z_um,score``) or ``.h5``
+(one 1-D dataset per column in group ``localizations`` plus attributes naming the model,
+its calibration hash, pixel size and the input). ``frame`` is the 0-based index of the image
+in the input. Prints frames/s to stderr. See docs/models.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+COLUMNS = ("frame", "x_um", "y_um", "z_um", "score")
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+def _positive_float(text: str) -> float:
+    v = float(text)
+    if not (v > 0 and math.isfinite(v)):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return v
+
+
+def _unit_float(text: str) -> float:
+    v = float(text)
+    if not 0 < v < 1:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return v
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "localize",
+        help="3D-localize every emitter in every frame of a TIFF or HDF5 recording",
+        description=(
+            "Apply a trained model bundle to raw camera frames (multi-page TIFF or HDF5) and "
+            "write every localization: frame, x_um, y_um (pixel index × pixel size, centre of "
+            "pixel (0, 0) at 0), z_um (the calibration's convention), score."
+        ),
+    )
+    p.add_argument("--model", required=True, type=Path, help="model bundle directory")
+    p.add_argument("frames", type=Path, help="multi-page TIFF or HDF5 file of raw frames")
+    p.add_argument("--out", required=True, type=Path, help="output .csv or .h5")
+    p.add_argument("--dataset", help="HDF5 dataset holding the frames (N, H, W)")
+    p.add_argument(
+        "--pixel-size",
+        type=_positive_float,
+        metavar="UM",
+        help="pixel size of the frames in the sample (µm); must match the model's within 1 %% "
+        "unless --force (default: assume the model's)",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="apply the model despite a pixel-size or bit-depth mismatch",
+    )
+    p.add_argument("--threshold", type=_unit_float, help="lateral detection threshold")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA if available)")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores, ≤ 8)")
+    p.add_argument("--batch", type=_positive_int, default=4, help="frames per batch (default 4)")
+    p.set_defaults(func=run)
+
+
+def read_frames(path: Path, dataset: str | None = None) -> np.ndarray:
+    """(N, H, W) frames from a TIFF or HDF5 file, in the file's dtype. Clear errors."""
+    if not path.exists():
+        raise ValueError(f"input {path} does not exist")
+    if path.is_dir():
+        raise ValueError(f"input {path} is a directory, not a file")
+    with open(path, "rb") as fh:
+        magic = fh.read(8)
+    if magic.startswith(b"\x89HDF\r\n\x1a\n"):
+        arr = _read_h5(path, dataset)
+    elif magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
+        if dataset is not None:
+            raise ValueError(f"--dataset applies to HDF5 input; {path} is a TIFF")
+        arr = _read_tiff(path)
+    else:
+        raise ValueError(f"{path} is neither a TIFF nor an HDF5 file")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3:
+        raise ValueError(
+            f"{path}: frames must be 2-D images (a stack is N × H × W), got shape {arr.shape}"
+        )
+    if arr.shape[0] == 0 or arr.size == 0:
+        raise ValueError(f"{path} contains no frames")
+    return arr
+
+
+def _read_tiff(path: Path) -> np.ndarray:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tf:
+            if len(tf.pages) == 0:
+                raise ValueError(f"{path} is an empty TIFF (no images)")
+            arr = tf.asarray()
+    except ValueError:
+        raise
+    except Exception as e:  # tifffile raises a variety of errors on broken files
+        raise ValueError(f"{path} is not a readable TIFF: {e}") from e
+    arr = np.asarray(arr)
+    # drop singleton axes beyond the image plane (e.g. (N, 1, H, W) from some writers)
+    while arr.ndim > 3 and 1 in arr.shape[:-2]:
+        arr = arr.reshape([s for i, s in enumerate(arr.shape) if not (s == 1 and i < arr.ndim - 2)])
+    return arr
+
+
+def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise ValueError(f"{path} is not a readable HDF5 file: {e}") from e
+    with f:
+        if dataset is not None:
+            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
+                raise ValueError(f"{path} has no dataset {dataset!r}")
+            return np.asarray(f[dataset][()])
+        found: list[str] = []
+        f.visititems(
+            lambda name, obj: (
+                found.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim == 3 else None
+            )
+        )
+        if len(found) != 1:
+            what = "no 3-D dataset" if not found else f"several 3-D datasets ({', '.join(found)})"
+            raise ValueError(f"{path} has {what}; name the frames with --dataset")
+        return np.asarray(f[found[0]][()])
+
+
+def write_localizations(path: Path, locs: list[Any], attrs: dict[str, Any]) -> None:
+    """Write localizations (a list of `Localizations`) as CSV or HDF5, atomically."""
+    import os
+    import tempfile
+
+    cols = _columns(locs)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".h5", ".hdf5"):
+        raise ValueError(f"--out must end in .csv or .h5, got {path.name}")
+    if not path.parent.is_dir():
+        raise ValueError(f"output directory {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        if suffix == ".csv":
+            with open(tmp, "w", newline="") as fh:
+                fh.write(",".join(COLUMNS) + "\n")
+                data = np.column_stack([cols[c] for c in COLUMNS]) if len(cols["frame"]) else None
+                if data is not None:
+                    np.savetxt(fh, data, fmt=["%d", "%.4f", "%.4f", "%.4f", "%.4f"], delimiter=",")
+        else:
+            import h5py
+
+            with h5py.File(tmp, "w") as f:
+                g = f.create_group("localizations")
+                for c in COLUMNS:
+                    g.create_dataset(c, data=cols[c])
+                for k, v in attrs.items():
+                    g.attrs[k] = v
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _columns(locs: list[Any]) -> dict[str, np.ndarray]:
+    if not locs:
+        return {c: np.zeros(0, dtype=np.int64 if c == "frame" else np.float64) for c in COLUMNS}
+    return {
+        "frame": np.concatenate([np.full(len(r), r.frame, dtype=np.int64) for r in locs]),
+        "x_um": np.concatenate([r.x_um for r in locs]),
+        "y_um": np.concatenate([r.y_um for r in locs]),
+        "z_um": np.concatenate([r.z_um for r in locs]),
+        "score": np.concatenate([r.score for r in locs]),
+    }
+
+
+def run(args: argparse.Namespace) -> int:
+    from focaltrack.models.localizer import Localizer
+
+    if args.out.suffix.lower() not in (".csv", ".h5", ".hdf5"):
+        raise ValueError(f"--out must end in .csv or .h5, got {args.out.name}")
+    loc = Localizer.from_bundle(
+        args.model,
+        device=args.device,
+        threads=args.threads,
+        pixel_size_um=args.pixel_size,
+        force=args.force,
+    )
+    frames = read_frames(args.frames, args.dataset)
+    loc.check_frames(frames)  # all checks before any work
+    n = len(frames)
+    results = []
+    t0 = time.perf_counter()
+    for i in range(0, n, args.batch):
+        results += loc.localize_batch(
+            frames[i : i + args.batch], first_index=i, threshold=args.threshold
+        )
+    dt = time.perf_counter() - t0
+    attrs = {
+        "model": str(args.model.resolve()),
+        "calibration_sha256": loc.calibration.sha256,
+        "pixel_size_um": loc.pixel_size_um,
+        "input": str(args.frames.resolve()),
+        "n_frames": n,
+        "columns": ",".join(COLUMNS),
+        "z_convention": "distance from the focal plane as in the calibration (µm)",
+    }
+    write_localizations(args.out, results, attrs)
+    total = sum(len(r) for r in results)
+    print(
+        f"localize: {n} frames, {total} localizations → {args.out}; "
+        f"{n / dt:.1f} frames/s ({1e3 * dt / n:.1f} ms/frame, "
+        f"{frames.shape[2]}×{frames.shape[1]} px, {loc.device})",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,0 +1,84 @@
+"""``focaltrack train``: train both networks from a calibration alone; writes a model bundle.
+
+See docs/models.md (presets, the synthesizer, the bundle format).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _positive_int(text: str) -> int:
+    v = int(text)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
+    return v
+
+
+# The preset names, spelled out so that building the CLI does not import torch;
+# tests/test_cnn.py checks them against focaltrack.models.train.PRESETS.
+PRESET_NAMES = ("ci", "quick", "default")
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train the lateral and axial networks from a calibration",
+        description=(
+            "Train the lateral detection and axial localization networks from a focal-stack "
+            "calibration alone (synthetic training data drawn on the fly), validate them on "
+            "held-out synthetic frames and write a model bundle directory. Uses a CUDA GPU "
+            "when there is one. Deterministic for a given --seed on a CPU."
+        ),
+    )
+    p.add_argument("--calibration", required=True, type=Path, help="calibration file (.h5)")
+    p.add_argument("--out", required=True, type=Path, help="model bundle directory to write")
+    p.add_argument(
+        "--preset",
+        choices=PRESET_NAMES,
+        default="default",
+        help="training length: ci (unit tests), quick (demo, ~3 min on 2 CPU cores), "
+        "default (real use, ~15 min on 2 CPU cores; much less on a GPU)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument(
+        "--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N"
+    )
+    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores, ≤ 8)")
+    p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from focaltrack.models.train import train
+    from focaltrack.sim.calibration import Calibration
+
+    cal = Calibration.load(args.calibration)
+    result = train(
+        cal,
+        args.out,
+        preset=args.preset,
+        seed=args.seed,
+        device=args.device,
+        threads=args.threads,
+        overwrite=args.force,
+        progress=not args.no_progress,
+        calibration_path=str(args.calibration),
+    )
+    v = result.meta["validation"]["by_snr"]
+    print(f"model: {result.path}", file=sys.stdout)
+    for k, r in v.items():
+        print(
+            f"  validation {k:>5}: Jaccard {_f(r['jaccard'])}  RMSE xy {_f(r['rmse_lateral_um'])} "
+            f"µm  z {_f(r['rmse_axial_um'])} µm",
+            file=sys.stdout,
+        )
+    return 0
+
+
+def _f(v: float | None) -> str:
+    return "  n/a" if v is None else f"{v:.3f}"

@@ -1,0 +1,356 @@
+"""The localizer: raw camera frames in, 3D localizations out (frame by frame or in batches).
+
+Per frame (DESIGN.md "Data flow"):
+
+1. checks: 2-D, finite, integer values within the calibration's bit depth;
+2. `Preprocess` (the synthesizer's exact function: offset, gain, asinh) on the device;
+3. `LateralNet` once over the whole frame (edge-padded to a multiple of 32), 3×3 max-pool
+   peak finding on the 1/4-resolution probability map, sub-pixel offsets added;
+4. one window per detection (128 × 128 px, centred on the detection's pixel), gathered
+   with one advanced-indexing call, through `AxialNet` as one batch;
+5. z peaks: local maxima of the z-bin probabilities whose *mass* (Σ p over the peak ± 2
+   bins, ≈ 1 for a present emitter) passes the axial threshold, separated by ≥ 3 bins; z is
+   the probability-weighted mean over the same bins (sub-bin: exact for the triangle
+   targets the network is trained on); several peaks → several emitters at one xy;
+6. duplicates (two detections of the same emitter) within ``merge_px`` laterally and
+   ``merge_um`` axially are merged, keeping the higher score.
+
+``score`` = lateral probability × min(1, axial mass), in [0, 1].
+Coordinates: x = column × pixel size, y = row × pixel size (centre of pixel (0, 0) is
+(0, 0)); z in the calibration's convention (distance from the focal plane, µm).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from focaltrack.models.bundle import ModelBundle, load_bundle
+from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
+from focaltrack.sim.calibration import Calibration
+from focaltrack.sim.synth import Preprocess
+
+PIXEL_SIZE_TOLERANCE = 0.01  # relative
+
+
+class LocalizerError(ValueError):
+    """Frames or settings the model cannot be applied to: the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Localizations:
+    """All emitters found in one frame, as columns (µm; score in [0, 1])."""
+
+    frame: int
+    x_um: np.ndarray
+    y_um: np.ndarray
+    z_um: np.ndarray
+    score: np.ndarray
+
+    @property
+    def xyz_um(self) -> np.ndarray:
+        return np.stack([self.x_um, self.y_um, self.z_um], axis=1).reshape(-1, 3)
+
+    def __len__(self) -> int:
+        return len(self.x_um)
+
+    @classmethod
+    def empty(cls, frame: int) -> Localizations:
+        z = np.zeros(0, dtype=np.float64)
+        return cls(frame, z, z.copy(), z.copy(), z.copy())
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeSettings:
+    lateral_threshold: float = 0.4
+    axial_threshold: float = 0.5
+    min_peak_separation_bins: int = 3
+    merge_px: float = 6.0
+    merge_um: float = 4.0
+
+    @classmethod
+    def from_meta(cls, d: dict[str, Any] | None) -> DecodeSettings:
+        d = d or {}
+        return cls(**{k: d[k] for k in cls.__dataclass_fields__ if k in d})
+
+
+@dataclass
+class Candidates:
+    """One frame's network outputs before thresholds (detections at a low threshold)."""
+
+    y_px: torch.Tensor  # (M,)
+    x_px: torch.Tensor
+    p_lat: torch.Tensor
+    p_ax: torch.Tensor  # (M, Z)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` when set (e.g. to share a machine), else all usable cores (≤ 8)."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env)
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 8))
+
+
+class Localizer:
+    """Applies a trained bundle to frames. Usable frame by frame by the service."""
+
+    candidate_threshold = 0.05  # lateral peaks kept for decoding (thresholds apply later)
+
+    def __init__(
+        self,
+        bundle: ModelBundle,
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        pixel_size_um: float | None = None,
+        force: bool = False,
+    ) -> None:
+        self.device = torch.device(device or default_device())
+        if self.device.type == "cpu":
+            torch.set_num_threads(threads or default_threads())
+        self.bundle = bundle
+        self.meta = bundle.meta
+        self.calibration: Calibration = bundle.calibration
+        self.z_um: np.ndarray = np.asarray(self.calibration.z_um, dtype=np.float64)
+        self.bit_depth: int = int(self.calibration.bit_depth)
+        self.model_pixel_size_um = float(self.calibration.pixel_size_um)
+        self.force = force
+        if pixel_size_um is not None:
+            rel = abs(pixel_size_um - self.model_pixel_size_um) / self.model_pixel_size_um
+            if rel > PIXEL_SIZE_TOLERANCE and not force:
+                raise LocalizerError(
+                    f"frames have {pixel_size_um:g} µm pixels but the model was trained for "
+                    f"{self.model_pixel_size_um:g} µm (calibration "
+                    f"{self.calibration.sha256[:12]}); calibrate and train at this pixel size, "
+                    "or override with --force (coordinates then use the frames' pixel size)"
+                )
+        self.pixel_size_um: float = float(pixel_size_um or self.model_pixel_size_um)
+        self.pre = Preprocess(**self.meta["preprocess"])
+        self.decode = DecodeSettings.from_meta(self.meta.get("decode"))
+        self.lateral: LateralNet = bundle.lateral
+        self.axial: AxialNet = bundle.axial
+        cl = torch.channels_last
+        self._lat = fuse_batchnorm(_clone(bundle.lateral)).to(self.device, memory_format=cl)
+        self._ax = fuse_batchnorm(_clone(bundle.axial)).to(self.device, memory_format=cl)
+        self._lat.eval()
+        self._ax.eval()
+        self.stride = self.lateral.stride
+        self.window = self.axial.cfg.window
+        self._z = torch.as_tensor(self.z_um, dtype=torch.float32, device=self.device)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        device: str | None = None,
+        threads: int | None = None,
+        pixel_size_um: float | None = None,
+        force: bool = False,
+    ) -> Localizer:
+        """Load a bundle. ``pixel_size_um``: the frames' pixel size, checked against the
+        model's (1 % tolerance) unless ``force``."""
+        bundle = load_bundle(Path(path), device="cpu")
+        return cls(bundle, device=device, threads=threads, pixel_size_um=pixel_size_um, force=force)
+
+    # ------------------------------------------------------------------ checks
+    def check_frames(self, frames: np.ndarray) -> np.ndarray:
+        """(N, H, W) raw frames, validated; returns them as an array."""
+        a = np.asarray(frames)
+        if a.ndim != 3:
+            raise LocalizerError(f"frames must be (N, H, W), got shape {a.shape}")
+        if a.shape[0] == 0:
+            raise LocalizerError("no frames to localize")
+        if min(a.shape[1:]) < 8:
+            raise LocalizerError(f"frames of {a.shape[1]}×{a.shape[2]} px are too small")
+        if a.dtype.kind not in "uif":
+            raise LocalizerError(f"frames must be numeric images, got dtype {a.dtype}")
+        max_adu = (1 << self.bit_depth) - 1
+        if a.dtype.kind == "f":
+            if not np.all(np.isfinite(a)):
+                raise LocalizerError("frames contain NaN or infinite values")
+        elif a.dtype.itemsize * 8 < self.bit_depth and not self.force:
+            raise LocalizerError(
+                f"frames are {a.dtype.itemsize * 8}-bit ({a.dtype}) but the model's calibration "
+                f"was {self.bit_depth}-bit: wrong camera setting? (override with --force)"
+            )
+        if not self.force and a.size:
+            lo, hi = float(a.min()), float(a.max())
+            if hi > max_adu or lo < 0:
+                raise LocalizerError(
+                    f"frame values {lo:g}…{hi:g} ADU are outside the calibration's "
+                    f"{self.bit_depth}-bit range 0…{max_adu}: wrong bit depth or not raw "
+                    "camera frames (override with --force)"
+                )
+        return a
+
+    # -------------------------------------------------------------- inference
+    def localize(
+        self, frame: np.ndarray, *, frame_index: int = 0, threshold: float | None = None
+    ) -> Localizations:
+        """One (H, W) raw ADU frame → its localizations. ``threshold``: lateral detection
+        threshold (default: the bundle's, chosen on validation data)."""
+        a = np.asarray(frame)
+        if a.ndim != 2:
+            raise LocalizerError(f"a frame must be a 2-D (H, W) image, got shape {a.shape}")
+        return self.localize_batch(a[None], first_index=frame_index, threshold=threshold)[0]
+
+    def localize_batch(
+        self, frames: np.ndarray, *, first_index: int = 0, threshold: float | None = None
+    ) -> list[Localizations]:
+        a = self.check_frames(frames)
+        settings = self.decode
+        if threshold is not None:
+            settings = DecodeSettings(
+                **{**_asdict(settings), "lateral_threshold": float(threshold)}
+            )
+        # only detections above the threshold go through the axial network
+        cands = self.candidates(a, min_p_lat=settings.lateral_threshold)
+        return [self.to_localizations(c, first_index + i, settings) for i, c in enumerate(cands)]
+
+    @torch.inference_mode()
+    def candidates(self, frames: np.ndarray, min_p_lat: float | None = None) -> list[Candidates]:
+        """Network outputs for (N, H, W) checked frames: lateral peaks with probability
+        ≥ ``min_p_lat`` (default: a low candidate threshold, for choosing thresholds) and
+        their axial outputs."""
+        thr = self.candidate_threshold if min_p_lat is None else min_p_lat
+        n, h, w = frames.shape
+        x = torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32, copy=False))
+        x = self.pre(x.to(self.device))
+        s = self.stride
+        mult = self.lateral.multiple
+        ph, pw = (-h) % mult, (-w) % mult
+        # pad to a multiple of 32 by repeating the last row/column: a band of zeros would be
+        # a dark stripe the network never saw in training (its patches are multiples of 32)
+        xp = F.pad(x[:, None], (0, pw, 0, ph), mode="replicate") if ph or pw else x[:, None]
+        out = self._lat(xp)
+        prob = torch.sigmoid(out[:, 0])
+        peak = (F.max_pool2d(prob[:, None], 3, 1, 1)[:, 0] == prob) & (prob >= thr)
+        fi, ci, cj = torch.nonzero(peak, as_tuple=True)
+        half = (s - 1) / 2
+        y = ci.float() * s + half + out[fi, 1, ci, cj] * s
+        xx = cj.float() * s + half + out[fi, 2, ci, cj] * s
+        p_lat = prob[fi, ci, cj]
+        inside = (y > -0.5) & (y < h - 0.5) & (xx > -0.5) & (xx < w - 0.5)
+        fi, y, xx, p_lat = fi[inside], y[inside], xx[inside], p_lat[inside]
+        # windows centred on the detections' pixels (the synthesizer's convention)
+        win = self.window
+        c = win // 2
+        padded = F.pad(x, (c, win - c, c, win - c))
+        if len(fi):
+            ry = torch.round(y).long().clamp_(0, h - 1)
+            rx = torch.round(xx).long().clamp_(0, w - 1)
+            # one strided view per detection, then one stack (a gather with (N, S, S) index
+            # tensors moves 3 × 8 bytes of indices per pixel and is several times slower)
+            crops = torch.stack(
+                [
+                    padded[f, r : r + win, q : q + win]
+                    for f, r, q in zip(fi.tolist(), ry.tolist(), rx.tolist(), strict=True)
+                ]
+            )
+            p_ax = torch.sigmoid(self._ax(crops[:, None]))
+        else:
+            p_ax = torch.zeros((0, len(self.z_um)), device=self.device)
+        return [
+            Candidates(y[fi == i], xx[fi == i], p_lat[fi == i], p_ax[fi == i]) for i in range(n)
+        ]
+
+    def to_localizations(
+        self, c: Candidates, frame_index: int, settings: DecodeSettings | None = None
+    ) -> Localizations:
+        st = settings or self.decode
+        x_px, y_px, z, score = decode_candidates(c, self._z, st)
+        px = self.pixel_size_um
+        return Localizations(
+            frame=int(frame_index),
+            x_um=x_px * px,
+            y_um=y_px * px,
+            z_um=z,
+            score=score,
+        )
+
+
+def decode_candidates(
+    c: Candidates, z_grid: torch.Tensor, st: DecodeSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Thresholds, z peaks (sub-bin), duplicate merging → pixel x, y, z µm, score."""
+    keep = c.p_lat >= st.lateral_threshold
+    p = c.p_ax[keep]
+    if p.shape[0] == 0:
+        e = np.zeros(0)
+        return e, e.copy(), e.copy(), e.copy()
+    m, nz = p.shape
+    h = st.min_peak_separation_bins - 1  # half-width of a peak's window, in bins
+    lo = torch.full((m, 1), -1.0, device=p.device)
+    left = torch.cat([lo, p[:, :-1]], 1)
+    right = torch.cat([p[:, 1:], lo], 1)
+    # mass: Σ p over the peak's window (≈ 1 per present emitter, however spread)
+    kern = torch.ones(1, 1, 2 * h + 1, device=p.device)
+    mass = F.conv1d(p[:, None], kern, padding=h)[:, 0]
+    is_peak = (p >= left) & (p > right) & (mass >= st.axial_threshold)
+    # keep the strongest peak within ± h bins
+    qp = torch.where(is_peak, mass, torch.zeros_like(mass))
+    is_peak &= F.max_pool1d(qp[:, None], 2 * h + 1, 1, h)[:, 0] == qp
+    di, bi = torch.nonzero(is_peak, as_tuple=True)
+    # sub-bin z: probability-weighted mean over the peak's window
+    off = torch.arange(-h, h + 1, device=p.device)
+    idx = bi[:, None] + off[None, :]
+    valid = (idx >= 0) & (idx < nz)
+    idx = idx.clamp(0, nz - 1)
+    w = p[di[:, None], idx] * valid
+    z = (w * z_grid[idx]).sum(1) / w.sum(1).clamp_min(1e-6)
+    score = c.p_lat[keep][di] * mass[di, bi].clamp_max(1.0)
+    y = c.y_px[keep][di]
+    x = c.x_px[keep][di]
+    if len(z) > 1:
+        # merge duplicates: a weaker localization near a stronger one is dropped
+        order = torch.argsort(score, descending=True)
+        x, y, z, score = x[order], y[order], z[order], score[order]
+        dxy = torch.hypot(x[:, None] - x[None, :], y[:, None] - y[None, :])
+        dz = (z[:, None] - z[None, :]).abs()
+        close = (dxy <= st.merge_px) & (dz <= st.merge_um)
+        close = torch.triu(close, diagonal=1)  # i < j: i is stronger
+        # greedy: j dropped if close to any kept stronger i (iterate; N is small)
+        dropped = torch.zeros(len(z), dtype=torch.bool, device=z.device)
+        for j in torch.nonzero(close.any(0)).flatten().tolist():
+            if bool((close[:, j] & ~dropped).any()):
+                dropped[j] = True
+        keep2 = ~dropped
+        x, y, z, score = x[keep2], y[keep2], z[keep2], score[keep2]
+    return (
+        x.double().cpu().numpy(),
+        y.double().cpu().numpy(),
+        z.double().cpu().numpy(),
+        score.double().cpu().numpy(),
+    )
+
+
+def _clone(net: torch.nn.Module) -> torch.nn.Module:
+    import copy
+
+    return copy.deepcopy(net).cpu().eval()
+
+
+def _asdict(s: DecodeSettings) -> dict[str, Any]:
+    return {k: getattr(s, k) for k in s.__dataclass_fields__}
+
+
+def nan_to_none(v: float) -> float | None:
+    return None if not math.isfinite(v) else v

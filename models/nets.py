@@ -1,0 +1,214 @@
+"""The two networks: a fully convolutional lateral detector and a crop-wise axial classifier.
+
+`LateralNet` is the paper's sliding-window binary classifier ("is an emitter centred
+here?") computed once over the whole frame: a strided stem to 1/4 resolution, then residual
+dilated 3×3 convolutions (dilations 1, 2, 4, 8, 16: receptive field ≈ 250 px, enough for
+the ~110-px PSF at 100 µm defocus) and a head with three outputs per 4×4-pixel cell: the
+detection logit and the emitter's sub-pixel offset (dy, dx) from the cell centre, in
+cells.
+
+`AxialNet` takes a window centred on a detection and outputs one logit per calibration z
+slice (multi-label, as in the paper): sigmoid probabilities trained against triangle
+(linear-interpolation) targets, so the two bins around an emitter share its weight and
+their weighted mean recovers z between slices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def _cbr(cin: int, cout: int, k: int = 3, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    pad = dilation * (k - 1) // 2
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, k, stride=stride, padding=pad, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _DilatedBlock(nn.Module):
+    def __init__(self, ch: int, dilation: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=dilation, dilation=dilation, bias=False)
+        self.bn = nn.BatchNorm2d(ch)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x + self.bn(self.conv(x)))
+
+
+@dataclass(frozen=True, slots=True)
+class LateralConfig:
+    stem: tuple[int, int] = (16, 24)  # channels at 1/2 and 1/4 resolution
+    widths: tuple[int, ...] = (32, 48, 64)  # channels at 1/8, 1/16, 1/32 resolution
+    dilations: tuple[int, ...] = (1, 2)  # residual dilated blocks per context level
+    stride: int = 4  # output resolution (fixed by the architecture)
+
+    def to_dict(self) -> dict[str, object]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> LateralConfig:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})  # type: ignore[arg-type]
+
+
+class LateralNet(nn.Module):
+    """(B, 1, H, W), H and W multiples of 32 → (B, 3, H/4, W/4): logit, dy, dx.
+
+    A small U-Net: a strided stem to 1/4 resolution (fine detail: in-focus spots are
+    1–2 px), context levels at 1/8, 1/16 and 1/32 resolution (a strided conv and residual
+    dilated 3×3 convs each; theoretical receptive field > 500 px, so the ~110-px ring of an
+    emitter 100 µm out of focus is seen whole), each upsampled and added to the level
+    above, then the head at 1/4 resolution.
+    """
+
+    def __init__(self, cfg: LateralConfig | None = None, prior: float = 0.01) -> None:
+        super().__init__()
+        cfg = cfg or LateralConfig()
+        self.cfg = cfg
+        c2, c4 = cfg.stem
+        self.stem = nn.Sequential(_cbr(1, c2, stride=2), _cbr(c2, c4, stride=2))
+        chans = [c4, *cfg.widths]
+        self.downs = nn.ModuleList(
+            nn.Sequential(
+                _cbr(chans[i], chans[i + 1], stride=2),
+                *[_DilatedBlock(chans[i + 1], d) for d in cfg.dilations],
+            )
+            for i in range(len(cfg.widths))
+        )
+        self.ups = nn.ModuleList(
+            nn.Sequential(
+                nn.Conv2d(chans[i + 1], chans[i], 1, bias=False), nn.BatchNorm2d(chans[i])
+            )
+            for i in range(len(cfg.widths))
+        )
+        self.fuse = _cbr(c4, c4)
+        self.head = nn.Conv2d(c4, 3, 1)
+        with torch.no_grad():
+            self.head.bias.zero_()
+            self.head.bias[0] = float(torch.logit(torch.tensor(prior)))
+
+    @property
+    def stride(self) -> int:
+        return self.cfg.stride
+
+    @property
+    def multiple(self) -> int:
+        """Input sizes must be multiples of this."""
+        return 4 * 2 ** len(self.cfg.widths)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = [self.stem(x)]
+        for down in self.downs:
+            feats.append(down(feats[-1]))
+        t = feats[-1]
+        for i in range(len(self.downs) - 1, -1, -1):
+            t = torch.relu(
+                feats[i] + F.interpolate(self.ups[i](t), scale_factor=2.0, mode="nearest")
+            )
+        return self.head(self.fuse(t))
+
+
+@dataclass(frozen=True, slots=True)
+class AxialConfig:
+    n_bins: int = 51
+    window: int = 128
+    widths: tuple[int, ...] = (12, 24, 32, 48, 64)
+    hidden: int = 192
+
+    def to_dict(self) -> dict[str, object]:
+        d = asdict(self)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, object]) -> AxialConfig:
+        d = dict(d)
+        d["widths"] = tuple(d["widths"])  # type: ignore[arg-type]
+        return cls(**d)  # type: ignore[arg-type]
+
+
+class AxialNet(nn.Module):
+    """(N, 1, S, S) windows centred on detections → (N, n_bins) z-bin logits.
+
+    Five stride-2 stages (S → S/32), strided 3×3 convs (plus a 3×3 conv from the third
+    stage on, where it is cheap), then a
+    small fully connected head: the window's layout matters (the emitter is at its
+    centre, others are not), so the features are flattened rather than pooled.
+    """
+
+    def __init__(self, cfg: AxialConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or AxialConfig()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        cin = 1
+        for i, w in enumerate(cfg.widths):
+            layers.append(_cbr(cin, w, stride=2))
+            if i > 1:
+                layers.append(_cbr(w, w))
+            cin = w
+        self.features = nn.Sequential(*layers)
+        side = cfg.window // 2 ** len(cfg.widths)
+        self.head = nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(cin * side * side, cfg.hidden),
+            nn.ReLU(inplace=True),
+            nn.Dropout(0.2),
+            nn.Linear(cfg.hidden, cfg.n_bins),
+        )
+        with torch.no_grad():  # start at the label prior (~1–2 of 51 bins on), not at 0.5
+            self.head[-1].bias.fill_(-3.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def fuse_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every Conv2d → BatchNorm2d pair into the convolution (inference only)."""
+    for name, child in list(model.named_children()):
+        setattr(model, name, fuse_batchnorm(child))
+    if isinstance(model, nn.Sequential):
+        mods = list(model)
+        out: list[nn.Module] = []
+        i = 0
+        while i < len(mods):
+            m = mods[i]
+            if (
+                isinstance(m, nn.Conv2d)
+                and i + 1 < len(mods)
+                and isinstance(mods[i + 1], nn.BatchNorm2d)
+            ):
+                out.append(_fold(m, mods[i + 1]))
+                i += 2
+            else:
+                out.append(m)
+                i += 1
+        return nn.Sequential(*out)
+    if isinstance(model, _DilatedBlock) and isinstance(model.bn, nn.BatchNorm2d):
+        model.conv = _fold(model.conv, model.bn)
+        model.bn = nn.Identity()  # type: ignore[assignment]
+    return model
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
+    fused = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,  # type: ignore[arg-type]
+        stride=conv.stride,  # type: ignore[arg-type]
+        padding=conv.padding,  # type: ignore[arg-type]
+        dilation=conv.dilation,  # type: ignore[arg-type]
+        bias=True,
+    ).to(conv.weight.device)
+    with torch.no_grad():
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        fused.weight.copy_(conv.weight * scale[:, None, None, None])
+        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
+    return fused

@@ -1,0 +1,127 @@
+"""Test-only helpers for the CNN tests: a calibration and "physics" frames.
+
+The calibration is what `focaltrack calibrate` would produce on the simulated microscope,
+built directly (fast): the sim's PSF model with its aberrations, slices 0–100 µm every
+2 µm, cropped to 128 × 128 and normalised as `focaltrack.sim.calibration` says, with the
+sim camera's noise model. Frames for accuracy tests are rendered by the sim physics
+(`PSFModel.render` at continuous positions + `camera.expose`), never by the training
+synthesizer: the split a lab has.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from focaltrack.sim import camera as sim_camera
+from focaltrack.sim.calibration import Calibration, NoiseModel
+from focaltrack.sim.optics import SIM_ABERRATIONS, CameraModel, Optics
+from focaltrack.sim.psf import PSFModel
+
+CAMERA = CameraModel()
+OPTICS = Optics(aberrations=SIM_ABERRATIONS)
+PIXEL_UM = OPTICS.pixel_size_um
+
+_MODEL: PSFModel | None = None
+
+
+def psf_model() -> PSFModel:
+    global _MODEL
+    if _MODEL is None:
+        _MODEL = PSFModel(OPTICS)
+    return _MODEL
+
+
+def make_calibration(z_um: np.ndarray | None = None, window: int = 128) -> Calibration:
+    z = np.arange(0.0, 101.0, 2.0) if z_um is None else np.asarray(z_um, dtype=np.float64)
+    psf = psf_model().psf_stack(z, window_px=window).astype(np.float64)
+    psf /= psf.sum(axis=(1, 2)).max()
+    return Calibration(
+        psf=psf.astype(np.float32),
+        z_um=z,
+        pixel_size_um=PIXEL_UM,
+        noise=NoiseModel(
+            offset_adu=CAMERA.offset_adu,
+            read_noise_adu=CAMERA.read_noise_e / CAMERA.gain_e_per_adu,
+            gain_e_per_adu=CAMERA.gain_e_per_adu,
+        ),
+        source="test fixture (sim PSF model)",
+        bit_depth=CAMERA.bit_depth,
+    )
+
+
+def photons_for_peak_snr(snr_db: float, background_photons: float, z_ref_um: float = 50.0) -> float:
+    """Photons of an intensity-1 emitter whose brightest pixel (pixel-centred, at
+    ``z_ref_um``) has S / sqrt(S + B + σ_r²) = 10^(dB/20) (electrons): `evaluate`'s SNR."""
+    m = psf_model()
+    peak = float(m.psf_stack([z_ref_um], window_px=129).max())
+    qe = CAMERA.quantum_efficiency
+    t2 = 10 ** (snr_db / 10)
+    noise2 = qe * background_photons + CAMERA.read_noise_e**2
+    s = 0.5 * (t2 + math.sqrt(t2 * t2 + 4 * t2 * noise2))
+    return s / (qe * peak)
+
+
+def render_frame(
+    shape: tuple[int, int],
+    xyz_um: np.ndarray,
+    photons: np.ndarray,
+    rng: np.random.Generator,
+    background_photons: float = 20.0,
+) -> np.ndarray:
+    """Sim physics: exact PSF at continuous (x, y, z), Poisson + read noise → uint16 ADU."""
+    xyz = np.asarray(xyz_um, dtype=np.float64).reshape(-1, 3)
+    expected = psf_model().render(
+        shape, xyz[:, 0] / PIXEL_UM, xyz[:, 1] / PIXEL_UM, xyz[:, 2], np.asarray(photons)
+    )
+    return sim_camera.expose(expected, CAMERA, rng, background_photons=background_photons)
+
+
+# --------------------------------------------------------------------------------------
+# One tiny trained model per test session (shared by test_cnn.py and test_cli_cnn.py)
+# --------------------------------------------------------------------------------------
+
+_TRAINED: dict[str, object] = {}
+
+
+def trained_model(tmp_path_factory) -> tuple[object, object]:
+    """(calibration path, model bundle path): trained once per session through the CLI."""
+    if "model" not in _TRAINED:
+        from focaltrack.daemon.cli import main
+
+        d = tmp_path_factory.mktemp("cnn")
+        cal_path = d / "cal.h5"
+        make_calibration().save(cal_path)
+        model = d / "model"
+        rc = main(
+            ["train", "--calibration", str(cal_path), "--out", str(model), "--preset", "ci",
+             "--seed", "0", "--no-progress"]
+        )  # fmt: skip
+        assert rc == 0
+        _TRAINED["model"] = (cal_path, model)
+    return _TRAINED["model"]  # type: ignore[return-value]
+
+
+def random_scene(
+    rng: np.random.Generator,
+    n: int,
+    shape: tuple[int, int],
+    margin_px: float = 20.0,
+    min_sep_um: float = 0.0,
+) -> np.ndarray:
+    """(n, 3) µm positions uniform in the frame (minus a margin), z in 0–100 µm, with a
+    minimum 3D separation (rejection sampling)."""
+    h, w = shape
+    out: list[np.ndarray] = []
+    while len(out) < n:
+        p = np.array(
+            [
+                rng.uniform(margin_px, w - 1 - margin_px) * PIXEL_UM,
+                rng.uniform(margin_px, h - 1 - margin_px) * PIXEL_UM,
+                rng.uniform(0.0, 100.0),
+            ]
+        )
+        if all(np.linalg.norm(p - q) >= min_sep_um for q in out):
+            out.append(p)
+    return np.array(out).reshape(-1, 3)

@@ -1,0 +1,181 @@
+"""`focaltrack train` and `focaltrack localize` end to end on small inputs, and bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import h5py
+import numpy as np
+import pytest
+import tifffile
+from cnn_fixtures import PIXEL_UM, photons_for_peak_snr, random_scene, render_frame, trained_model
+
+from focaltrack.daemon.cli import main
+
+SHAPE = (128, 160)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    return trained_model(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(9)
+    photons = photons_for_peak_snr(25.0, 20.0)
+    return np.stack(
+        [render_frame(SHAPE, random_scene(rng, 2, SHAPE, 25, 30.0), np.full(2, photons), rng)
+         for _ in range(3)]
+    )  # fmt: skip
+
+
+def _read_csv(path):
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_train_wrote_a_complete_bundle(trained):
+    _, model = trained
+    assert {p.name for p in model.iterdir()} >= {
+        "bundle.json", "lateral.pt", "axial.pt", "calibration.h5", "COMPLETE"
+    }  # fmt: skip
+    # no temporary directories left beside it
+    assert not [p for p in model.parent.iterdir() if p.name.startswith(".model.")]
+
+
+def test_localize_tiff_to_csv(trained, frames, tmp_path, capsys):
+    _, model = trained
+    tif = tmp_path / "frames.tif"
+    tifffile.imwrite(tif, frames, photometric="minisblack")
+    out = tmp_path / "locs.csv"
+    rc = main(["localize", "--model", str(model), str(tif), "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "frames/s" in err
+    rows = _read_csv(out)
+    assert list(rows[0].keys())[:5] == ["frame", "x_um", "y_um", "z_um", "score"]
+    frames_seen = {int(r["frame"]) for r in rows}
+    assert frames_seen <= {0, 1, 2} and len(frames_seen) >= 2
+    xs = np.array([float(r["x_um"]) for r in rows])
+    ys = np.array([float(r["y_um"]) for r in rows])
+    assert np.all((xs > -1) & (xs < SHAPE[1] * PIXEL_UM + 1))
+    assert np.all((ys > -1) & (ys < SHAPE[0] * PIXEL_UM + 1))
+
+
+def test_localize_hdf5_to_h5(trained, frames, tmp_path):
+    _, model = trained
+    src = tmp_path / "rec.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("acq/frames", data=frames)
+        f.create_dataset("other", data=np.zeros((3, 3)))
+    out = tmp_path / "locs.h5"
+    assert main(["localize", "--model", str(model), str(src), "--out", str(out),
+                 "--dataset", "acq/frames"]) == 0  # fmt: skip
+    with h5py.File(out, "r") as f:
+        g = f["localizations"]
+        assert set(g) == {"frame", "x_um", "y_um", "z_um", "score"}
+        assert g.attrs["calibration_sha256"]
+        assert len(g["frame"]) == len(g["x_um"]) > 0
+    # the only 3-D dataset is found without --dataset
+    out2 = tmp_path / "locs2.csv"
+    assert main(["localize", "--model", str(model), str(src), "--out", str(out2)]) == 0
+
+
+def test_localize_pixel_size_check_and_override(trained, frames, tmp_path, capsys):
+    _, model = trained
+    tif = tmp_path / "f.tif"
+    tifffile.imwrite(tif, frames[:1], photometric="minisblack")
+    out = tmp_path / "l.csv"
+    args = ["localize", "--model", str(model), str(tif), "--out", str(out)]
+    assert main([*args, "--pixel-size", "1.3"]) == 2
+    assert "pixel" in capsys.readouterr().err
+    assert not out.exists()
+    assert main([*args, "--pixel-size", "1.3", "--force"]) == 0
+    assert main([*args, "--pixel-size", str(PIXEL_UM)]) == 0
+
+
+def _expect_error(argv, capsys, *words):
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    for w in words:
+        assert w.lower() in err.lower(), err
+    assert "Traceback" not in err
+
+
+def test_localize_bad_inputs(trained, frames, tmp_path, capsys):
+    _, model = trained
+    out = str(tmp_path / "l.csv")
+    base = ["localize", "--model", str(model)]
+    # empty TIFF (a file with a header but no images)
+    empty = tmp_path / "empty.tif"
+    empty.write_bytes(b"II*\x00\x08\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00")
+    _expect_error([*base, str(empty), "--out", out], capsys, "empty.tif")
+    # frames of the wrong dimensionality (4-D)
+    h5 = tmp_path / "bad.h5"
+    with h5py.File(h5, "w") as f:
+        f.create_dataset("x", data=np.zeros((2, 2, 32, 32), dtype=np.uint16))
+        f.create_dataset("line", data=np.zeros(32, dtype=np.uint16))
+    _expect_error([*base, str(h5), "--dataset", "x", "--out", out], capsys, "2-D")
+    _expect_error([*base, str(h5), "--dataset", "line", "--out", out], capsys, "2-D")
+    _expect_error([*base, str(h5), "--out", out], capsys, "--dataset")
+    # NaNs in input
+    nan = tmp_path / "nan.tif"
+    f32 = frames[:1].astype(np.float32)
+    f32[0, 5, 5] = np.nan
+    tifffile.imwrite(nan, f32, photometric="minisblack")
+    _expect_error([*base, str(nan), "--out", out], capsys, "NaN")
+    # bit depth: 8-bit frames for a 16-bit calibration
+    u8 = tmp_path / "u8.tif"
+    tifffile.imwrite(u8, (frames[:1] // 256).astype(np.uint8), photometric="minisblack")
+    _expect_error([*base, str(u8), "--out", out], capsys, "8-bit")
+    # not an image file
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    _expect_error([*base, str(txt), "--out", out], capsys, "neither a TIFF nor an HDF5")
+    # output format
+    tif = tmp_path / "ok.tif"
+    tifffile.imwrite(tif, frames[:1], photometric="minisblack")
+    _expect_error([*base, str(tif), "--out", str(tmp_path / "l.txt")], capsys, ".csv or .h5")
+    # incomplete model directory (training interrupted)
+    broken = tmp_path / "broken"
+    shutil.copytree(model, broken)
+    (broken / "COMPLETE").unlink()
+    _expect_error(
+        ["localize", "--model", str(broken), str(tif), "--out", out], capsys, "incomplete"
+    )
+    assert not (tmp_path / "l.csv").exists()
+
+
+def test_train_bad_inputs(trained, tmp_path, capsys):
+    cal_path, model = trained
+    # a calibration file of the wrong schema: an HDF5 file that is not a calibration
+    wrong = tmp_path / "wrong.h5"
+    with h5py.File(wrong, "w") as f:
+        f.create_dataset("psf", data=np.zeros((3, 8, 8)))
+    _expect_error(
+        ["train", "--calibration", str(wrong), "--out", str(tmp_path / "m")], capsys,
+        "not a focaltrack calibration",
+    )  # fmt: skip
+    # a calibration of an unknown schema version
+    newer = tmp_path / "newer.h5"
+    shutil.copy(cal_path, newer)
+    with h5py.File(newer, "a") as f:
+        f.attrs["schema_version"] = 99
+    _expect_error(
+        ["train", "--calibration", str(newer), "--out", str(tmp_path / "m")], capsys, "version 99"
+    )
+    _expect_error(
+        ["train", "--calibration", str(tmp_path / "missing.h5"), "--out", str(tmp_path / "m")],
+        capsys,
+        "does not exist",
+    )
+    # refusing to overwrite an existing bundle
+    _expect_error(
+        ["train", "--calibration", str(cal_path), "--out", str(model), "--preset", "ci"],
+        capsys,
+        "already exists",
+    )
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,217 @@
+"""The training-data synthesizer: renders, noise and labels agree with the emitters drawn."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from cnn_fixtures import make_calibration
+
+from focaltrack.sim.calibration import NoiseModel
+from focaltrack.sim.synth import (
+    DEFAULT_GAIN_E_PER_ADU,
+    Emitters,
+    Preprocess,
+    SynthConfig,
+    Synthesizer,
+    axial_targets,
+    lateral_targets,
+)
+
+
+@pytest.fixture(scope="module")
+def cal():
+    return make_calibration()
+
+
+@pytest.fixture(scope="module")
+def synth(cal):
+    return Synthesizer(cal, seed=3)
+
+
+def _em(**cols: list[float]) -> Emitters:
+    n = len(cols["x_px"])
+    return Emitters(
+        b=torch.as_tensor(cols.get("b", [0] * n)),
+        x_px=torch.as_tensor(cols["x_px"], dtype=torch.float32),
+        y_px=torch.as_tensor(cols["y_px"], dtype=torch.float32),
+        z_um=torch.as_tensor(cols["z_um"], dtype=torch.float32),
+        intensity=torch.as_tensor(cols.get("intensity", [1.0] * n), dtype=torch.float32),
+    )
+
+
+def test_render_reproduces_calibration_slice(cal, synth):
+    """An emitter on the calibration's centre pixel at a calibration z is that slice."""
+    cy, cx = synth.table.centre
+    h, w = cal.window_px
+    for k in (0, 10, 50):
+        img = synth.table.render(
+            (h, w),
+            1,
+            torch.tensor([0]),
+            torch.tensor([cx]),
+            torch.tensor([cy]),
+            torch.tensor([float(cal.z_um[k])]),
+            torch.tensor([2.0]),
+        )[0].numpy()
+        np.testing.assert_allclose(img, 2.0 * cal.psf[k], atol=1e-6 * cal.psf[k].max() + 1e-9)
+
+
+def test_render_places_and_interpolates(cal, synth):
+    """Sub-pixel shifts move the centroid; z between slices interpolates linearly."""
+    size = 256
+    x0, y0 = 100.0, 120.0
+    args = (torch.tensor([0]), torch.tensor([x0]), torch.tensor([y0]))
+    z = torch.tensor([30.0])
+    a = synth.table.render((size, size), 1, *args, z, torch.ones(1))[0].numpy().astype(np.float64)
+    shifted = (torch.tensor([0]), torch.tensor([x0 + 0.5]), torch.tensor([y0 - 0.25]))
+    b = (
+        synth.table.render((size, size), 1, *shifted, z, torch.ones(1))[0]
+        .numpy()
+        .astype(np.float64)
+    )
+    yy, xx = np.mgrid[:size, :size]
+
+    def centroid(im: np.ndarray) -> tuple[float, float]:
+        return float((im * xx).sum() / im.sum()), float((im * yy).sum() / im.sum())
+
+    (ax, ay), (bx, by) = centroid(a), centroid(b)
+    assert bx - ax == pytest.approx(0.5, abs=0.02)
+    assert by - ay == pytest.approx(-0.25, abs=0.02)
+    # z = 31 µm lies halfway between the 30 and 32 µm slices
+    mid = synth.table.render((size, size), 1, *args, torch.tensor([31.0]), torch.ones(1))[0]
+    k30, k32 = (int(np.argmin(abs(cal.z_um - z))) for z in (30.0, 32.0))
+    c30 = synth.table.render((size, size), 1, *args, torch.tensor([30.0]), torch.ones(1))[0]
+    c32 = synth.table.render((size, size), 1, *args, torch.tensor([32.0]), torch.ones(1))[0]
+    assert k32 == k30 + 1
+    np.testing.assert_allclose(mid.numpy(), (0.5 * (c30 + c32)).numpy(), atol=1e-7)
+
+
+def test_emitters_outside_spill_light_in(synth):
+    """An emitter centred outside the image still contributes its overlapping light."""
+    img = synth.table.render(
+        (64, 64), 1, torch.tensor([0]), torch.tensor([-20.0]), torch.tensor([32.0]),
+        torch.tensor([80.0]), torch.ones(1),
+    )[0]  # fmt: skip
+    assert float(img.sum()) > 0.05
+    assert float(img[:, :10].sum()) > float(img[:, -10:].sum())
+
+
+def _cell(v: float, s: int) -> int:
+    return math.floor(v + 0.5) // s
+
+
+def test_lateral_labels_agree_with_emitters(synth):
+    batch = synth.lateral_batch(4, 128)
+    em = batch.emitters
+    s = 4
+    inside = (em.x_px >= -0.5) & (em.x_px < 127.5) & (em.y_px >= -0.5) & (em.y_px < 127.5)
+    assert int(inside.sum()) > 0
+    rows = list(
+        zip(em.b[inside].tolist(), em.x_px[inside].tolist(), em.y_px[inside].tolist(), strict=True)
+    )
+    cells = [(b, _cell(y, s), _cell(x, s)) for b, x, y in rows]
+    for b, i, j in cells:
+        assert bool(batch.positive[b, 0, i, j])
+        assert float(batch.heat[b, 0, i, j]) == 1.0
+    assert int(batch.positive.sum()) == len(set(cells))
+    # offsets reconstruct positions exactly for cells holding one emitter
+    half = (s - 1) / 2
+    for (b, x, y), cell in zip(rows, cells, strict=True):
+        if cells.count(cell) == 1:
+            _, i, j = cell
+            assert i * s + half + s * float(batch.offset[b, 0, i, j]) == pytest.approx(y, abs=1e-4)
+            assert j * s + half + s * float(batch.offset[b, 1, i, j]) == pytest.approx(x, abs=1e-4)
+    assert float(batch.heat.max()) <= 1.0 and float(batch.heat.min()) >= 0.0
+    assert batch.x.shape == (4, 1, 128, 128) and torch.isfinite(batch.x).all()
+
+
+def test_lateral_targets_outside_emitters_are_not_labels():
+    em = _em(x_px=[-3.0, 130.0, 10.2], y_px=[5.0, 5.0, 20.7], z_um=[1.0, 2.0, 3.0])
+    _, _, pos = lateral_targets(em, 1, 128, 4)
+    assert int(pos.sum()) == 1
+    assert bool(pos[0, 0, 21 // 4, 10 // 4])
+
+
+def test_axial_targets_encode_z_between_bins():
+    z_grid = torch.arange(0.0, 101.0, 2.0)
+    em = _em(x_px=[64.0, 65.0, 64.0, 90.0], y_px=[64.0, 63.0, 64.0, 64.0],
+             z_um=[31.2, 70.0, 10.0, 50.0], b=[0, 0, 1, 1])  # fmt: skip
+    t = axial_targets(em, 2, 64.0, 4.0, z_grid)
+    # window 0: two emitters at the centre → two triangles; weighted means recover z
+    assert t[0, 15] == pytest.approx(0.4, abs=1e-5) and t[0, 16] == pytest.approx(0.6, abs=1e-5)
+    z = float((t[0, 15:17] * z_grid[15:17]).sum() / t[0, 15:17].sum())
+    assert z == pytest.approx(31.2, abs=1e-4)
+    assert t[0, 35] == pytest.approx(1.0)
+    assert float(t[0].sum()) == pytest.approx(2.0, abs=1e-5)
+    # window 1: the emitter 26 px away is not a label
+    assert t[1, 5] == pytest.approx(1.0) and float(t[1].sum()) == pytest.approx(1.0)
+
+
+def test_axial_batch_labels_the_centre_emitter(synth):
+    b = synth.axial_batch(16)
+    em = b.emitters
+    for i in range(16):
+        m = em.b == i
+        d = torch.hypot(em.x_px[m] - b.centre_px, em.y_px[m] - b.centre_px)
+        near = em.z_um[m][d <= synth.config.axial_label_radius_px]
+        # every near emitter's z is where the target says
+        for z in near.tolist():
+            k = int(np.clip(round(z / 2.0), 0, 50))
+            assert float(b.target[i, k]) >= 0.5 - 1e-6
+        if len(near) == 0:
+            assert float(b.target[i].max()) == 0.0
+
+
+def test_snr_construction_matches_definition(synth):
+    snr = torch.tensor([0.0, 10.0, 20.0])
+    bg = torch.tensor([0.0, 14.4, 100.0])
+    k = synth.photons_for_snr(snr, bg)
+    s_peak = k * synth.table.reference_peak
+    got = 20 * torch.log10(s_peak / torch.sqrt(s_peak + bg + synth.pre.read_noise_e**2))
+    np.testing.assert_allclose(got.numpy(), snr.numpy(), atol=1e-4)
+
+
+def test_noise_statistics_follow_the_camera_model(cal):
+    synth = Synthesizer(cal, seed=1)
+    flat = torch.zeros((2, 128, 128))
+    adu = synth.expose(
+        flat, snr_db=torch.tensor([10.0, 10.0]), background_e=torch.tensor([0.0, 50.0])
+    )
+    n = cal.noise
+    e = (adu - n.offset_adu) * n.gain_e_per_adu
+    assert float(e[0].mean()) == pytest.approx(0.0, abs=0.1)
+    # read noise (plus ADU rounding) only
+    assert float(e[0].std()) == pytest.approx(
+        math.sqrt((n.read_noise_adu * n.gain_e_per_adu) ** 2 + n.gain_e_per_adu**2 / 12), rel=0.05
+    )
+    assert float(e[1].mean()) == pytest.approx(50.0, rel=0.02)
+    assert float(e[1].var()) == pytest.approx(50.0 + 1.6**2, rel=0.1)
+
+
+def test_deterministic_for_a_seed(cal):
+    a = Synthesizer(cal, seed=7).lateral_batch(2, 64)
+    b = Synthesizer(cal, seed=7).lateral_batch(2, 64)
+    c = Synthesizer(cal, seed=8).lateral_batch(2, 64)
+    assert torch.equal(a.adu, b.adu) and torch.equal(a.heat, b.heat)
+    assert not torch.equal(a.adu, c.adu)
+
+
+def test_preprocess_unknown_gain_falls_back():
+    p = Preprocess.from_noise(NoiseModel(offset_adu=100.0, read_noise_adu=2.0))
+    assert p.gain_e_per_adu == DEFAULT_GAIN_E_PER_ADU
+    y = p(torch.tensor([100.0, 110.0, 1000.0]))
+    assert float(y[0]) == 0.0 and 0 < float(y[1]) < float(y[2])
+
+
+def test_config_round_trips_to_json():
+    d = SynthConfig().to_dict()
+    assert d["snr_db"] == [-4.0, 34.0] and isinstance(d["phases"], int)
+
+
+def test_throughput_is_measured(cal):
+    s = Synthesizer(cal, seed=0)
+    s.lateral_batch(2, 64)
+    assert s.windows_drawn == 2 and s.windows_per_s > 0
