@@ -1,0 +1,438 @@
+"""The live pipeline: a driver thread and an analysis thread joined by a drop-oldest queue.
+
+::
+
+    driver thread ── Frame ──▶ newest-frame queue (queue_frames) ──▶ analysis thread
+        │                          full: drop the oldest,          localize → track →
+        └─▶ recorder (frames)       count analysis_behind           sink (publish, record)
+
+* The driver thread is the only thread that talks to the camera while live (``move_z`` and
+  ``get_z`` from the control side go through the driver's own lock between polls). It never
+  waits for the analysis: a full queue loses its oldest frame.
+* Camera faults (`CameraTimeoutError`, a stopped sequence) are reported through
+  ``on_fault``; the stream is restarted up to ``restart_attempts`` times with a doubling
+  back-off, and ``on_recovered`` is called when frames come again. When every attempt fails
+  the pipeline ends and ``on_failed`` is called.
+* The analysis thread always takes the newest frame. The localizer and tracker can be
+  replaced between frames (`LivePipeline.swap_model`).
+
+Also here: `open_service_driver`, which builds the configured driver (the simulated microscope
+from ``[sim]`` or Micro-Manager from ``[driver]``), and `SimBeadSwap`, which puts one still
+bead in front of the simulated camera for a calibration.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+
+from focaltrack.drivers.base import CameraTimeoutError, DriverError, StreamEnded
+
+if TYPE_CHECKING:
+    from focaltrack.daemon.config import ServiceConfig
+    from focaltrack.daemon.metrics import ServiceMetrics
+    from focaltrack.drivers.base import Frame
+    from focaltrack.drivers.micromanager import MicroManagerDriver
+    from focaltrack.models.localizer import Localizations, Localizer
+    from focaltrack.models.tracker import KalmanTracker, TrackFrame
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "AnalysisModel",
+    "FrameSink",
+    "LivePipeline",
+    "NewestFrameQueue",
+    "SimBeadSwap",
+    "open_service_driver",
+]
+
+#: The simulated calibration bead: photons per exposure (as `focaltrack calibrate --driver sim`).
+SIM_BEAD_PHOTONS = 60000.0
+
+
+# ============================================================================ driver
+
+
+def open_service_driver(cfg: ServiceConfig) -> MicroManagerDriver:
+    """The driver ``cfg.driver`` names; the simulator is built from ``cfg.sim``."""
+    from focaltrack.drivers.factory import open_driver
+
+    d = cfg.driver
+    px = d.pixel_size_um if d.pixel_size_um > 0 else None
+    if d.kind == "sim":
+        from focaltrack.sim.optics import SIM_ABERRATIONS, Optics
+        from focaltrack.sim.psf import PSFModel
+        from focaltrack.sim.scene import Scene
+
+        s = cfg.sim
+        optics = Optics(aberrations=SIM_ABERRATIONS)
+        field_px = optics.pixel_size_um
+        scene = Scene(
+            field_um=(s.width * field_px, s.height * field_px),
+            z_range_um=(float(s.z_range_um[0]), float(s.z_range_um[1])),
+            n_emitters=s.n_emitters,
+            motion=s.motion,
+            diffusion_um2_s=s.diffusion_um2_s,
+            velocity_um_s=list(s.velocity_um_s),
+            seed=s.seed,
+        )
+        # Load (or build, once per machine) the PSF library before any snap waits on it.
+        model = PSFModel.shared(optics)
+        return open_driver(
+            "sim",
+            scene=scene,
+            optics=optics,
+            psf_model=model,
+            width=s.width,
+            height=s.height,
+            exposure_ms=d.exposure_ms,
+            seed=s.seed,
+            pixel_size_um=px,
+        )
+    if d.attach:
+        return open_driver("micromanager", attach=True, port=d.port, pixel_size_um=px)
+    if not d.mm_app_path or not d.mm_config:
+        raise DriverError(
+            "driver.kind = 'micromanager' needs driver.mm_app_path and driver.mm_config "
+            "(or driver.attach = true to use a running Micro-Manager)"
+        )
+    return open_driver(
+        "micromanager", mm_app_path=d.mm_app_path, mm_config=d.mm_config, pixel_size_um=px
+    )
+
+
+class SimBeadSwap:
+    """For the simulated microscope only: a still bead in focus at the field centre in place
+    of the moving sample, for the duration of a ``with`` block (a calibration)."""
+
+    def __init__(self, driver: Any) -> None:
+        self.core: Any = getattr(driver, "core", None)
+        self.driver = driver
+
+    @property
+    def applies(self) -> bool:
+        from focaltrack.drivers.simcore import SimulatedCore
+
+        return isinstance(self.core, SimulatedCore)
+
+    @contextmanager
+    def bead(self) -> Iterator[None]:
+        if not self.applies:
+            yield
+            return
+        from focaltrack.sim.scene import Scene
+
+        core = self.core
+        px = core.optics.pixel_size_um
+        focus = float(self.driver.get_z())
+        # Off the pixel grid on purpose, as the CLI's simulated calibration.
+        xyz = [[(core.width / 2 + 0.3) * px, (core.height / 2 - 0.2) * px, focus]]
+        with self.driver.lock:
+            saved = core.scene
+            core.scene = Scene.static(xyz, SIM_BEAD_PHOTONS)
+        try:
+            yield
+        finally:
+            with self.driver.lock:
+                core.scene = saved
+
+
+# ============================================================================ queue
+
+
+class NewestFrameQueue:
+    """A bounded queue that keeps the newest frames: `put` never blocks; when full, the
+    oldest frame is dropped and counted. `get` returns the newest frame and discards (and
+    counts) any older ones still waiting, so the analysis always works on the newest."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {capacity}")
+        self._dq: deque[Frame] = deque()
+        self._cap = int(capacity)
+        self._cond = threading.Condition()
+        self.dropped = 0
+        self._closed = False
+
+    def put(self, frame: Frame) -> int:
+        """Add ``frame``; returns how many older frames were dropped to make room."""
+        with self._cond:
+            dropped = 0
+            while len(self._dq) >= self._cap:
+                self._dq.popleft()
+                dropped += 1
+            self._dq.append(frame)
+            self.dropped += dropped
+            self._cond.notify()
+            return dropped
+
+    def get(self, timeout_s: float) -> tuple[Frame | None, int]:
+        """(newest frame or None on timeout/close, older frames skipped)."""
+        deadline = time.monotonic() + timeout_s
+        with self._cond:
+            while not self._dq and not self._closed:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None, 0
+                self._cond.wait(left)
+            if not self._dq:
+                return None, 0
+            frame = self._dq.pop()
+            skipped = len(self._dq)
+            self._dq.clear()
+            self.dropped += skipped
+            return frame, skipped
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+
+# ============================================================================ pipeline
+
+
+@dataclass(frozen=True, slots=True)
+class AnalysisModel:
+    """What the analysis thread needs: the localizer, a fresh tracker, and a name."""
+
+    name: str
+    localizer: Localizer
+    make_tracker: Callable[[], KalmanTracker]
+
+
+class FrameSink(Protocol):
+    """Where the analysis sends each frame's results (the service: PUB, recorder, metrics)."""
+
+    def on_frame_result(
+        self,
+        frame: Frame,
+        locs: Localizations,
+        tracks: TrackFrame,
+        inference_s: float,
+        model_name: str,
+    ) -> None: ...
+
+
+class LivePipeline:
+    """Driver + analysis threads for one live session. `start` returns at once; `stop`
+    ends both threads (bounded) and stops the camera stream."""
+
+    def __init__(
+        self,
+        driver: Any,
+        model: AnalysisModel,
+        sink: FrameSink,
+        metrics: ServiceMetrics,
+        *,
+        interval_ms: float = 0.0,
+        queue_frames: int = 2,
+        frame_timeout_s: float = 2.0,
+        restart_attempts: int = 3,
+        restart_backoff_s: float = 0.5,
+        on_raw_frame: Callable[[Frame], None] | None = None,
+        on_fault: Callable[[str, int], None] | None = None,
+        on_recovered: Callable[[], None] | None = None,
+        on_failed: Callable[[str], None] | None = None,
+        on_analysis_error: Callable[[str], None] | None = None,
+        watchdog: Callable[[], None] | None = None,
+    ) -> None:
+        self.driver = driver
+        self._model = model
+        self._pending_model: AnalysisModel | None = None
+        self.sink = sink
+        self.metrics = metrics
+        self.interval_ms = float(interval_ms)
+        self.queue = NewestFrameQueue(queue_frames)
+        self.frame_timeout_s = float(frame_timeout_s)
+        self.restart_attempts = int(restart_attempts)
+        self.restart_backoff_s = float(restart_backoff_s)
+        self.on_raw_frame = on_raw_frame
+        self.on_fault = on_fault
+        self.on_recovered = on_recovered
+        self.on_failed = on_failed
+        self.on_analysis_error = on_analysis_error
+        self.watchdog = watchdog
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.frames_acquired = 0
+        self.frames_analysed = 0
+        self.frames_dropped_camera = 0
+        self.last_error: str | None = None
+        self._analysis_errors = 0
+
+    # ------------------------------------------------------------------ control
+    @property
+    def model_name(self) -> str:
+        return (self._pending_model or self._model).name
+
+    @property
+    def frames_dropped(self) -> int:
+        return self.frames_dropped_camera + self.queue.dropped
+
+    @property
+    def running(self) -> bool:
+        return any(t.is_alive() for t in self._threads)
+
+    def start(self) -> None:
+        """Start the camera stream (errors raise here) and both threads."""
+        self.driver.start_stream(self.interval_ms)
+        self._camera_dropped0 = int(self.driver.dropped_frames)
+        self._threads = [
+            threading.Thread(target=self._acquire, name="focaltrack-driver", daemon=True),
+            threading.Thread(target=self._analyse, name="focaltrack-analysis", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+
+    def swap_model(self, model: AnalysisModel) -> None:
+        """Use ``model`` from the next frame on (a new tracker starts with it)."""
+        self._pending_model = model
+
+    def stop(self, timeout_s: float = 5.0) -> bool:
+        """Stop both threads and the stream; True if they ended within ``timeout_s``."""
+        self._stop.set()
+        self.queue.close()
+        try:
+            self.driver.stop_stream()  # next_frame sees it and ends
+        except DriverError as e:
+            log.warning("stopping the camera stream: %s", e)
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(deadline - time.monotonic(), 0.0))
+        alive = [t.name for t in self._threads if t.is_alive()]
+        if alive:
+            log.error("live threads still running after %.1f s: %s", timeout_s, ", ".join(alive))
+        return not alive
+
+    # ------------------------------------------------------------------ driver thread
+    def _acquire(self) -> None:
+        m = self.metrics
+        failures = 0
+        while not self._stop.is_set():
+            try:
+                frame = self.driver.next_frame(timeout_s=self.frame_timeout_s)
+            except StreamEnded:
+                if self._stop.is_set():
+                    break
+                frame = None
+                msg = "the camera stream ended"
+            except (CameraTimeoutError, DriverError) as e:
+                if self._stop.is_set():
+                    break
+                frame = None
+                msg = str(e)
+            if frame is None:
+                failures += 1
+                self.last_error = msg
+                if failures > self.restart_attempts:
+                    log.error("camera: giving up after %d restarts: %s", failures - 1, msg)
+                    if self.on_failed is not None:
+                        self.on_failed(msg)
+                    self.queue.close()
+                    return
+                log.warning(
+                    "camera fault (attempt %d/%d): %s", failures, self.restart_attempts, msg
+                )
+                if self.on_fault is not None:
+                    self.on_fault(msg, failures)
+                if self.watchdog is not None:  # this loop is alive, the camera is not
+                    self.watchdog()
+                if self._stop.wait(self.restart_backoff_s * 2 ** (failures - 1)):
+                    break
+                self._restart_stream()
+                continue
+            if failures:
+                failures = 0
+                self.last_error = None
+                if self.on_recovered is not None:
+                    self.on_recovered()
+            self.frames_acquired += 1
+            m.frames_acquired.inc()
+            cam = int(self.driver.dropped_frames) - self._camera_dropped0
+            if cam > self.frames_dropped_camera:
+                m.frames_dropped.labels(reason="camera").inc(cam - self.frames_dropped_camera)
+                self.frames_dropped_camera = cam
+            if self.on_raw_frame is not None:
+                self.on_raw_frame(frame)
+            skipped = self.queue.put(frame)
+            if skipped:
+                m.frames_dropped.labels(reason="analysis_behind").inc(skipped)
+            if self.watchdog is not None:
+                self.watchdog()
+
+    def _restart_stream(self) -> None:
+        try:
+            self.driver.stop_stream()
+        except DriverError as e:
+            log.warning("camera: stop before restart failed: %s", e)
+        try:
+            self.driver.start_stream(self.interval_ms)
+            self._camera_dropped0 = int(self.driver.dropped_frames) - self.frames_dropped_camera
+        except (DriverError, ValueError) as e:
+            log.warning("camera: restart failed: %s", e)
+
+    # ------------------------------------------------------------------ analysis thread
+    def _analyse(self) -> None:
+        m = self.metrics
+        tracker = self._model.make_tracker()
+        last_t: float | None = None
+        while not self._stop.is_set():
+            frame, skipped = self.queue.get(timeout_s=0.2)
+            if skipped:
+                m.frames_dropped.labels(reason="analysis_behind").inc(skipped)
+            if frame is None:
+                if self.queue.closed and not self._stop.is_set():
+                    return  # the driver thread gave up
+                continue
+            pending = self._pending_model
+            if pending is not None:
+                self._model, self._pending_model = pending, None
+                tracker = pending.make_tracker()
+                last_t = None
+                log.info("live analysis now uses model %s", pending.name)
+            if last_t is not None and not frame.t_acq_s > last_t:
+                continue  # the tracker needs strictly increasing times
+            try:
+                t0 = time.perf_counter()
+                locs = self._model.localizer.localize(frame.pixels, frame_index=frame.index)
+                inference_s = time.perf_counter() - t0
+                xyz = locs.xyz_um
+                ok = np.all(np.isfinite(xyz), axis=1) if len(locs) else None
+                tracks = tracker.update_frame(
+                    xyz if ok is None else xyz[ok],
+                    frame.t_acq_s,
+                    None if ok is None else np.asarray(locs.score)[ok],
+                )
+                last_t = frame.t_acq_s
+                m.inference_seconds.observe(inference_s)
+                m.localizations_per_frame.observe(len(locs))
+                m.live_tracks.set(len(tracks))
+                self.sink.on_frame_result(frame, locs, tracks, inference_s, self._model.name)
+                self.frames_analysed += 1
+                m.frames_analysed.inc()
+            except Exception as e:  # one bad frame must not end the live session
+                self._analysis_errors += 1
+                msg = f"analysis of frame {frame.index} failed: {type(e).__name__}: {e}"
+                self.last_error = msg
+                # Reported for the first few and then every 2^k-th: a model that fails on
+                # every frame must not flood the log and the event topic.
+                if self._analysis_errors <= 3 or math.log2(self._analysis_errors).is_integer():
+                    log.exception("%s (%d so far)", msg, self._analysis_errors)
+                    if self.on_analysis_error is not None:
+                        self.on_analysis_error(f"{msg} ({self._analysis_errors} so far)")
