@@ -1,0 +1,947 @@
+"""``focaltrack demo``: the whole product on the simulated microscope, in a few minutes.
+
+    focaltrack demo [--out out/demo] [--duration-s 20] [--preset quick]
+
+It starts the service in this process on the simulated microscope (emitters flowing at
+75 µm/s with some Brownian motion, so the scene moves like seed 002's blood cells), then talks
+to it only like an outside client, over its real ZeroMQ sockets on loopback:
+
+1. ``calibrate`` (a job; its progress comes as ``event`` messages) — the simulator puts one
+   still bead in front of the camera for it;
+2. ``train`` the chosen preset (a job, in a separate process) and ``load_model`` the result;
+3. ``start`` live analysis, subscribe to ``loc``, ``track`` and ``hb`` and print a live view
+   once a second: frames/s, frame-to-publish latency p50/p99, emitters, tracks, drops;
+4. ``stop``, and score what was **published** against the simulator's ground truth: the
+   simulated camera keeps the true position of every emitter in every frame it rendered
+   (`SimulatedCore.truth`), matched to the published messages by frame index. Jaccard and
+   RMSE at seed 002's 10 µm tolerance and a tighter 2 µm one (as ``focaltrack evaluate``),
+   for the localizations and for the confirmed tracks.
+
+Into ``--out`` it writes ``calibration.png`` (the calibration at a glance), ``summary.json``
+(settings, timings, rates, latencies, accuracy) and ``workspace/`` (the service workspace:
+calibration, model, ``state.json``), so that afterwards
+``focaltrack serve --driver sim --workspace out/demo/workspace`` starts with that calibration
+and model loaded (for ``deploy/examples/focus_lock.py``, say).
+
+Frame size: 256 × 256 by default. On the 2-core CPU this was built on, the simulator needs
+~50 ms to render one 256² frame with 20 emitters (~110 ms at 512²) and the CNNs, ~100 ms a
+frame, share the same two cores, so a bigger frame only makes the live view slower without
+showing more; with a GPU, try ``--size 512``. The camera runs at ``--interval-ms`` (default
+100 ms, 10 fps), about what this CPU can render and analyse together; when the analysis falls
+behind it works on the newest frame and counts the others as dropped, as the live view shows.
+``focaltrack bench`` measures how fast the pipeline itself can go.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from focaltrack.daemon.client import ControlClient, Subscriber
+    from focaltrack.drivers.simcore import SimFrameTruth
+    from focaltrack.models.metrics import MatchResult
+
+log = logging.getLogger("focaltrack.demo")
+
+#: Seed 002's matching radius and a tighter one (≈ the lateral resolution), as `evaluate`.
+TOLERANCES_UM: tuple[float, ...] = (10.0, 2.0)
+#: Emitters (true or detected) closer than this to the frame edge are not scored: part of
+#: their image is outside the frame.
+EDGE_MARGIN_UM = 5.0
+#: Flow speed of the demo scene (seed 002: blood cells at ≈ 75 µm/s).
+FLOW_UM_S = 75.0
+PRESETS = ("quick", "default")
+
+
+class DemoError(RuntimeError):
+    """A step of the demo failed (a job failed or was cancelled); the message says which."""
+
+
+# =========================================================================== settings
+
+
+@dataclass(frozen=True, slots=True)
+class DemoSettings:
+    out: Path
+    duration_s: float = 20.0
+    preset: str = "quick"
+    size_px: int = 256
+    n_emitters: int = 20
+    interval_ms: float = 100.0
+    exposure_ms: float = 10.0
+    flow_um_s: float = FLOW_UM_S
+    diffusion_um2_s: float = 1.0
+    seed: int = 0
+    #: An existing model bundle to use instead of training one.
+    model: Path | None = None
+    cal_z_step_um: float = 2.0
+    cal_averages: int = 4
+    #: Preset fields overridden in training (tests use a tiny run); not on the command line.
+    train_overrides: Mapping[str, Any] | None = None
+    job_timeout_s: float = 3600.0
+
+    def check(self) -> None:
+        if not (math.isfinite(self.duration_s) and self.duration_s > 0):
+            raise ValueError(f"--duration-s must be > 0, got {self.duration_s:g}")
+        if self.preset not in PRESETS:
+            raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if not 128 <= self.size_px <= 4096:
+            raise ValueError(
+                f"--size must be 128..4096 px (the calibration cuts a 128 px window), "
+                f"got {self.size_px}"
+            )
+        if not 0 <= self.n_emitters <= 10000:
+            raise ValueError(f"--emitters must be 0..10000, got {self.n_emitters}")
+        if not (math.isfinite(self.interval_ms) and 0 <= self.interval_ms <= 60000):
+            raise ValueError(f"--interval-ms must be 0..60000, got {self.interval_ms:g}")
+        if self.model is not None:
+            if not (self.model / "bundle.json").is_file():
+                raise ValueError(f"--model {self.model} is not a model bundle (no bundle.json)")
+        out = self.out
+        if out.exists() and not out.is_dir():
+            raise ValueError(f"--out {out} exists and is not a directory")
+        parent = out if out.exists() else _existing_parent(out)
+        if not os.access(parent, os.W_OK):
+            raise ValueError(f"--out {out}: cannot write in {parent}")
+
+
+def _existing_parent(p: Path) -> Path:
+    p = p.absolute()
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+# =========================================================================== CLI
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser(
+        "demo",
+        help="calibrate, train, track live and score it, all on the simulated microscope",
+        description=(
+            "Start the service on the simulated microscope with a moving scene, then, over "
+            "its real sockets like any client: calibrate, train a model, go live, print a "
+            "live view once a second, and score what was published against the simulator's "
+            "ground truth (Jaccard, RMSE). Writes calibration.png, summary.json and the "
+            "service workspace into --out. A few minutes on a laptop CPU."
+        ),
+    )
+    p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
+    p.add_argument("--duration-s", type=float, default=20.0, metavar="S", help="live analysis time")
+    p.add_argument("--preset", choices=PRESETS, default="quick", help="training preset")
+    p.add_argument(
+        "--size", type=int, default=256, metavar="PX", help="camera frame side (default 256)"
+    )
+    p.add_argument("--emitters", type=int, default=20, help="emitters in the scene")
+    p.add_argument(
+        "--interval-ms",
+        type=float,
+        default=100.0,
+        metavar="MS",
+        help="camera frame interval while live (default 100 ms = 10 fps; 0 = as fast as "
+        "the simulator renders)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="scene and training seed")
+    p.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="use this model bundle instead of training one (the calibration still runs)",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    settings = DemoSettings(
+        out=args.out,
+        duration_s=float(args.duration_s),
+        preset=str(args.preset),
+        size_px=int(args.size),
+        n_emitters=int(args.emitters),
+        interval_ms=float(args.interval_ms),
+        seed=int(args.seed),
+        model=args.model,
+    )
+    settings.check()
+    if not getattr(args, "verbose", 0):
+        # The service logs every state change at INFO; the demo prints its own account.
+        logging.getLogger("focaltrack").setLevel(logging.WARNING)
+    from focaltrack.daemon.client import ControlError
+
+    try:
+        with _sigterm_as_interrupt():  # `kill` stops the service (and training) cleanly too
+            run_demo(settings, stream=sys.stdout)
+    except (ControlError, DemoError, TimeoutError) as e:
+        print(f"focaltrack demo: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+# =========================================================================== ground truth
+
+
+def visible_truth(
+    entry: SimFrameTruth,
+    shape_px: tuple[int, int],
+    pixel_size_um: float,
+    z_range_um: tuple[float, float],
+) -> np.ndarray:
+    """The emitters of one rendered frame in published coordinates, (N, 3) µm.
+
+    x, y: position on the camera (the sample's lateral drift included), kept when the
+    centre falls on the frame; z: defocus ``focus − z_abs``, kept inside the calibrated range.
+    """
+    scene = entry.scene
+    if scene is None or len(scene) == 0:
+        return np.zeros((0, 3))
+    h, w = shape_px
+    xyz = np.asarray(scene.xyz_um, dtype=np.float64)
+    x = xyz[:, 0] + entry.offset_xy_um[0]
+    y = xyz[:, 1] + entry.offset_xy_um[1]
+    d = entry.focus_z_um - xyz[:, 2]
+    half = 0.5 * pixel_size_um
+    keep = (
+        (x >= -half)
+        & (x <= (w - 0.5) * pixel_size_um)
+        & (y >= -half)
+        & (y <= (h - 0.5) * pixel_size_um)
+        & (d >= z_range_um[0])
+        & (d <= z_range_um[1])
+    )
+    return np.stack([x[keep], y[keep], d[keep]], axis=1)
+
+
+@dataclass(frozen=True, slots=True)
+class TruthFrames:
+    """Ground truth per published frame index, for the first stream of a driver's life."""
+
+    xyz_um: dict[int, np.ndarray]
+    t_sim_s: dict[int, float]
+    n_streams: int
+
+
+def truth_by_frame(
+    truths: Iterable[SimFrameTruth],
+    shape_px: tuple[int, int],
+    pixel_size_um: float,
+    z_range_um: tuple[float, float],
+) -> TruthFrames:
+    """Map the simulator's rendered frames to the driver's frame indices.
+
+    The driver numbers a stream's frames from (last index + 1); a fresh driver's first
+    stream starts at 0, and the camera's sequence frame ``k`` is its ``k``-th frame, so
+    frame index = sequence frame for that stream. Snaps (sequence frame −1, the
+    calibration's) are skipped; later streams (a camera restart) are left out, since their
+    offset depends on frames the driver never delivered.
+    """
+    xyz: dict[int, np.ndarray] = {}
+    t_sim: dict[int, float] = {}
+    n_streams = 0
+    prev = -1
+    for e in truths:
+        k = int(e.sequence_frame)
+        if k < 0:
+            continue
+        if k <= prev or (prev < 0 and n_streams == 0):
+            n_streams += 1
+        prev = k
+        if n_streams == 1:
+            xyz[k] = visible_truth(e, shape_px, pixel_size_um, z_range_um)
+            t_sim[k] = float(e.t_sim_s)
+    return TruthFrames(xyz, t_sim, n_streams)
+
+
+def alignment_error_s(t_acq_s: Mapping[int, float], t_sim_s: Mapping[int, float]) -> float | None:
+    """Spread (max − min) of ``t_acq − t_sim`` over the frames both know, seconds.
+
+    The simulated camera stamps frame ``k`` at its slot time and advances the scene by the
+    same slots, so with the right frame ↔ truth mapping the difference is one constant; a
+    spread of a frame period or more means the mapping is off.
+    """
+    common = sorted(set(t_acq_s) & set(t_sim_s))
+    if not common:
+        return None
+    diff = np.array([t_acq_s[i] - t_sim_s[i] for i in common])
+    return float(diff.max() - diff.min())
+
+
+def _in_region(xyz: np.ndarray, region_um: tuple[float, float, float, float]) -> np.ndarray:
+    x0, x1, y0, y1 = region_um
+    if len(xyz) == 0:
+        return np.zeros(0, dtype=bool)
+    return (xyz[:, 0] >= x0) & (xyz[:, 0] <= x1) & (xyz[:, 1] >= y0) & (xyz[:, 1] <= y1)
+
+
+def match_in_region(
+    pred_um: np.ndarray,
+    true_um: np.ndarray,
+    tolerance_um: float,
+    region_um: tuple[float, float, float, float],
+) -> MatchResult:
+    """One frame's matches, scoring only what lies inside ``region_um`` (x0, x1, y0, y1).
+
+    Everything is matched (`focaltrack.models.metrics.match`), so a detection just inside
+    the region can pair with an emitter just outside; then: a pair counts when its true
+    emitter is inside (TP); an unmatched true emitter inside is a FN; an unmatched detection
+    inside is a FP; detections paired with emitters outside are not counted either way.
+    """
+    from focaltrack.models.metrics import MatchResult, match
+
+    pred = np.asarray(pred_um, dtype=np.float64).reshape(-1, 3)
+    true = np.asarray(true_um, dtype=np.float64).reshape(-1, 3)
+    m = match(pred, true, tolerance_um)
+    inside_t = _in_region(true, region_um)
+    inside_p = _in_region(pred, region_um)
+    keep = inside_t[m.true_idx] if m.tp else np.zeros(0, dtype=bool)
+    matched = np.zeros(len(pred), dtype=bool)
+    matched[m.pred_idx] = True
+    fp = int(np.count_nonzero(inside_p & ~matched))
+    tp_pred, tp_true = m.pred_idx[keep], m.true_idx[keep]
+    return MatchResult(
+        tp_pred, tp_true, m.errors_um[keep], n_pred=len(tp_pred) + fp, n_true=int(inside_t.sum())
+    )
+
+
+def score_frames(
+    pred_by_frame: Mapping[int, np.ndarray],
+    truth: Mapping[int, np.ndarray],
+    *,
+    region_um: tuple[float, float, float, float],
+    tolerances_um: Sequence[float] = TOLERANCES_UM,
+) -> dict[str, Any]:
+    """Pooled Jaccard, precision, recall and RMSE per tolerance over the frames in both."""
+    from focaltrack.models.metrics import combine
+
+    frames = sorted(set(pred_by_frame) & set(truth))
+    out: dict[str, Any] = {"frames": len(frames), "by_tolerance": {}}
+    for tol in tolerances_um:
+        pooled = combine(
+            match_in_region(pred_by_frame[f], truth[f], tol, region_um) for f in frames
+        )
+        s = {k: _finite(v) for k, v in pooled.summary().items()}
+        out["by_tolerance"][f"{tol:g}um"] = {"tolerance_um": float(tol), **s}
+    return out
+
+
+def _finite(v: float | int) -> float | int | None:
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def scoring_region(
+    shape_px: tuple[int, int], pixel_size_um: float, margin_um: float = EDGE_MARGIN_UM
+) -> tuple[float, float, float, float]:
+    h, w = shape_px
+    return (
+        margin_um,
+        (w - 1) * pixel_size_um - margin_um,
+        margin_um,
+        (h - 1) * pixel_size_um - margin_um,
+    )
+
+
+# =========================================================================== live view
+
+
+def percentile_ms(values_s: Sequence[float], q: float) -> float | None:
+    if not values_s:
+        return None
+    return float(np.percentile(np.asarray(values_s, dtype=np.float64), q) * 1000.0)
+
+
+@dataclass
+class LiveStats:
+    """What the subscriber saw: per-frame published results and a running live view."""
+
+    t0: float = field(default_factory=time.monotonic)
+    loc_xyz: dict[int, np.ndarray] = field(default_factory=dict)
+    track_xyz: dict[int, np.ndarray] = field(default_factory=dict)
+    t_acq_s: dict[int, float] = field(default_factory=dict)
+    latency_s: list[float] = field(default_factory=list)
+    inference_s: list[float] = field(default_factory=list)
+    n_locs: list[int] = field(default_factory=list)
+    n_confirmed: list[int] = field(default_factory=list)
+    seq_gaps: dict[str, int] = field(default_factory=dict)
+    hb: dict[str, Any] = field(default_factory=dict)
+    hb_first: dict[str, Any] | None = None
+    hb_t: float = 0.0
+    hb_first_t: float = 0.0
+    # the current one-second window
+    _win_latency: list[float] = field(default_factory=list)
+    _win_frames: int = 0
+    _win_t0: float = field(default_factory=time.monotonic)
+    _last_seq: dict[str, int] = field(default_factory=dict)
+    last_locs: int = 0
+    last_tracks: int = 0
+    last_frame: int | None = None
+
+    def add(self, topic: str, header: Mapping[str, Any], now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        seq = int(header.get("seq", -1))
+        last = self._last_seq.get(topic)
+        if last is not None and seq > last + 1:
+            self.seq_gaps[topic] = self.seq_gaps.get(topic, 0) + seq - last - 1
+        self._last_seq[topic] = seq
+        if topic == "loc":
+            frame = int(header["frame"])
+            xyz = np.stack(
+                [
+                    np.asarray(header["x_um"], dtype=np.float64),
+                    np.asarray(header["y_um"], dtype=np.float64),
+                    np.asarray(header["z_um"], dtype=np.float64),
+                ],
+                axis=1,
+            ).reshape(-1, 3)
+            self.loc_xyz[frame] = xyz[np.all(np.isfinite(xyz), axis=1)]
+            self.t_acq_s[frame] = float(header["t_acq_s"])
+            lat = float(header["t_pub_s"]) - float(header["t_acq_s"])
+            self.latency_s.append(lat)
+            self._win_latency.append(lat)
+            if header.get("inference_s") is not None:
+                self.inference_s.append(float(header["inference_s"]))
+            self.n_locs.append(int(header["n"]))
+            self.last_locs = int(header["n"])
+            self.last_frame = frame
+            self._win_frames += 1
+        elif topic == "track":
+            frame = int(header["frame"])
+            status = header.get("status") or []
+            conf = np.array([s == "confirmed" for s in status], dtype=bool)
+            xyz = np.stack(
+                [
+                    np.asarray(header["x_um"], dtype=np.float64),
+                    np.asarray(header["y_um"], dtype=np.float64),
+                    np.asarray(header["z_um"], dtype=np.float64),
+                ],
+                axis=1,
+            ).reshape(-1, 3)
+            xyz = xyz[conf] if len(conf) == len(xyz) else xyz[:0]
+            self.track_xyz[frame] = xyz[np.all(np.isfinite(xyz), axis=1)]
+            self.n_confirmed.append(len(xyz))
+            self.last_tracks = len(xyz)
+        elif topic == "hb":
+            if self.hb_first is None:
+                self.hb_first = dict(header)
+                self.hb_first_t = now
+            self.hb = dict(header)
+            self.hb_t = now
+
+    def window_line(self, now: float, truth_in_view: int | None = None) -> str:
+        """One line of the live view, for the window since the previous line."""
+        dt = max(now - self._win_t0, 1e-9)
+        fps = self._win_frames / dt
+        p50 = percentile_ms(self._win_latency, 50)
+        p99 = percentile_ms(self._win_latency, 99)
+        lat = "   -   /   -  " if p50 is None else f"{p50:6.1f} / {p99:6.1f}"
+        truth = "" if truth_in_view is None else f" (true {truth_in_view:3d})"
+        hb = self.hb
+        line = (
+            f"{now - self.t0:5.1f} s  {fps:5.1f} frames/s  latency p50/p99 {lat} ms  "
+            f"emitters {self.last_locs:3d}{truth}  tracks {self.last_tracks:3d}  "
+            f"dropped {int(hb.get('frames_dropped', 0)):5d}"
+        )
+        self._win_latency = []
+        self._win_frames = 0
+        self._win_t0 = now
+        return line
+
+    def summary(self, duration_s: float) -> dict[str, Any]:
+        n = len(self.latency_s)
+        hb0, hb1 = self.hb_first or {}, self.hb
+        span = self.hb_t - self.hb_first_t
+        acquired = int(hb1.get("frames_acquired", 0)) - int(hb0.get("frames_acquired", 0))
+        return {
+            "frames_published": n,
+            "analysed_fps": n / duration_s if duration_s > 0 else None,
+            "camera_fps": acquired / span if span > 0 else None,
+            "latency_ms": {
+                "p50": percentile_ms(self.latency_s, 50),
+                "p90": percentile_ms(self.latency_s, 90),
+                "p99": percentile_ms(self.latency_s, 99),
+                "max": percentile_ms(self.latency_s, 100),
+            },
+            "inference_ms": {
+                "p50": percentile_ms(self.inference_s, 50),
+                "p99": percentile_ms(self.inference_s, 99),
+            },
+            "localizations_per_frame": float(np.mean(self.n_locs)) if self.n_locs else None,
+            "confirmed_tracks_per_frame": (
+                float(np.mean(self.n_confirmed)) if self.n_confirmed else None
+            ),
+            "messages_lost_by_topic": dict(self.seq_gaps),
+        }
+
+
+# =========================================================================== jobs
+
+
+class _Progress:
+    """One progress display: in place on a terminal, a line per 10 % otherwise."""
+
+    def __init__(self, label: str, stream: IO[str]) -> None:
+        self.label = label
+        self.stream = stream
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.t0 = time.monotonic()
+        self.next_decile = 0
+        self.last_draw = 0.0
+
+    def update(self, progress: float, message: str, *, final: bool = False) -> None:
+        now = time.monotonic()
+        el = now - self.t0
+        width = 24
+        n = int(width * min(max(progress, 0.0), 1.0))
+        text = (
+            f"  {self.label:<10} [{'#' * n}{'-' * (width - n)}] {100 * progress:5.1f} %  "
+            f"{el:5.0f} s  {message}"
+        )
+        if self.tty:
+            if final or now - self.last_draw >= 0.2:
+                self.last_draw = now
+                self.stream.write("\r\x1b[2K" + text[:160] + ("\n" if final else ""))
+                self.stream.flush()
+        elif final or progress * 10 >= self.next_decile or now - self.last_draw >= 15.0:
+            self.next_decile = int(progress * 10) + 1
+            self.last_draw = now
+            self.stream.write(text + "\n")
+            self.stream.flush()
+
+
+def wait_job(
+    ctl: ControlClient,
+    events: Subscriber,
+    job_id: str,
+    label: str,
+    stream: IO[str],
+    *,
+    timeout_s: float,
+) -> dict[str, Any]:
+    """Follow a job through its ``event`` messages (polling ``job`` as a fallback) until it
+    finishes; returns the final job object. Raises `DemoError` if it failed."""
+    bar = _Progress(label, stream)
+    deadline = time.monotonic() + timeout_s
+    next_poll = time.monotonic() + 2.0
+    job: dict[str, Any] = {"state": "queued", "progress": 0.0, "message": ""}
+    while True:
+        now = time.monotonic()
+        if now > deadline:
+            raise TimeoutError(f"{label} did not finish within {timeout_s:g} s")
+        try:
+            topic, header, _ = events.recv(timeout_s=0.5)
+        except TimeoutError:
+            topic, header = "", {}
+        if topic == "event" and header.get("kind") == "job":
+            j = header.get("job") or {}
+            if j.get("id") == job_id:
+                job = j
+                next_poll = time.monotonic() + 2.0
+        if time.monotonic() >= next_poll:  # events can be lost (slow joiner, HWM): ask
+            job = ctl.call("job", id=job_id)
+            next_poll = time.monotonic() + 2.0
+        state = str(job.get("state"))
+        done = state in ("done", "failed", "cancelled")
+        bar.update(float(job.get("progress") or 0.0), str(job.get("message") or ""), final=done)
+        if done:
+            if state != "done":
+                raise DemoError(f"{label} {state}: {job.get('message')}")
+            return job
+
+
+# =========================================================================== the demo
+
+
+def _say(stream: IO[str], text: str = "") -> None:
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def _write_json_atomic(path: Path, obj: Any) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(obj, fh, indent=2, allow_nan=False, default=_json_default)
+            fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; the summary is for sharing
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer):
+        return int(o)
+    if isinstance(o, np.floating):
+        return _finite(float(o))
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def _clean(o: Any) -> Any:
+    """NaN/inf → None, recursively (summary.json is strict JSON)."""
+    if isinstance(o, dict):
+        return {k: _clean(v) for k, v in o.items()}
+    if isinstance(o, list | tuple):
+        return [_clean(v) for v in o]
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    return o
+
+
+def demo_config(s: DemoSettings, workspace: Path) -> Any:
+    """The service configuration of the demo: simulator, moving scene, loopback, free ports.
+
+    The environment is ignored on purpose (a ``FOCALTRACK_*`` variable meant for a real
+    service must not change the demo), and ports are 0 so a running service is no obstacle.
+    """
+    from focaltrack.daemon.config import load_config
+
+    return load_config(
+        None,
+        env={},
+        overrides={
+            "driver.kind": "sim",
+            "driver.exposure_ms": s.exposure_ms,
+            "driver.interval_ms": s.interval_ms,
+            "sim.width": s.size_px,
+            "sim.height": s.size_px,
+            "sim.n_emitters": s.n_emitters,
+            "sim.motion": "flow",
+            "sim.velocity_um_s": (s.flow_um_s, 0.0, 0.0),
+            "sim.diffusion_um2_s": s.diffusion_um2_s,
+            "sim.seed": s.seed,
+            "network.bind": "127.0.0.1",
+            "network.control_port": 0,
+            "network.pub_port": 0,
+            "network.metrics_port": 0,
+            "workspace.dir": str(workspace),
+            "train.preset": s.preset,
+            "train.seed": s.seed,
+        },
+    )
+
+
+def _import_model(src: Path, workspace: Path) -> str:
+    """Copy a bundle into the workspace's models folder (atomically); returns its name."""
+    from focaltrack.models.bundle import read_meta
+
+    read_meta(src)  # a complete bundle, or a clear error
+    models = workspace / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    name = f"imported-{src.resolve().name}"[:128]
+    name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
+    dst = models / name
+    if not dst.exists():
+        tmp = Path(tempfile.mkdtemp(dir=models, prefix=f".{name}.tmp-"))
+        try:
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+            os.replace(tmp, dst)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return name
+
+
+def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]:
+    """Run the demo; returns the summary (also written to ``out/summary.json``)."""
+    from focaltrack.daemon.client import ControlClient, Subscriber
+    from focaltrack.daemon.pipeline import open_service_driver
+    from focaltrack.daemon.service import Service
+
+    s.check()
+    out = s.out
+    out.mkdir(parents=True, exist_ok=True)
+    workspace = out / "workspace"
+    timings: dict[str, float] = {}
+    t_all = time.monotonic()
+    fps = 1000.0 / max(s.interval_ms, s.exposure_ms)
+    _say(stream, "focaltrack demo — the simulated microscope, end to end")
+    _say(
+        stream,
+        f"  scene: {s.n_emitters} emitters flowing at {s.flow_um_s:g} µm/s along x, "
+        f"Brownian D = {s.diffusion_um2_s:g} µm²/s, defocus 0–100 µm; camera "
+        f"{s.size_px}×{s.size_px} px, up to {fps:g} fps",
+    )
+    cfg = demo_config(s, workspace)
+    model_name = _import_model(s.model, workspace) if s.model is not None else None
+
+    t = time.monotonic()
+    driver = open_service_driver(cfg)  # ours, so the simulator's ground truth is at hand
+    svc = Service(cfg, driver=driver, train_overrides=s.train_overrides)
+    svc.start()
+    timings["service_start_s"] = time.monotonic() - t
+    ep = svc.endpoints
+    _say(stream, f"  service: control {ep['control']}, pub {ep['pub']}, metrics {ep['metrics']}")
+    # Generous: load_model imports torch and builds the networks, slow on a busy CPU.
+    ctl = ControlClient(ep["control"], timeout_s=60.0, retries=1)
+    events = Subscriber(ep["pub"], topics=("event",))
+    live: Subscriber | None = None
+    try:
+        camera = ctl.call("status")["driver"]
+        px = float(camera["pixel_size_um"])
+        shape = (int(camera["height"]), int(camera["width"]))
+
+        # ------------------------------------------------------------- 1. calibrate
+        _say(stream)
+        _say(
+            stream,
+            f"1. calibrate: a bead focal stack, focus 0 → +100 µm in {s.cal_z_step_um:g} µm "
+            f"steps, {s.cal_averages} frames each",
+        )
+        t = time.monotonic()
+        job_id = ctl.call("calibrate", z_step_um=s.cal_z_step_um, averages=s.cal_averages)["job"]
+        job = wait_job(ctl, events, job_id, "calibrate", stream, timeout_s=s.job_timeout_s)
+        timings["calibrate_s"] = time.monotonic() - t
+        cal_info = job.get("result") or {}
+        cal_png = out / "calibration.png"
+        _calibration_figure(Path(cal_info["path"]), cal_png)
+        _say(
+            stream,
+            f"   calibration {cal_info.get('calibration')}: {cal_info.get('n_slices')} slices, "
+            f"{px:.3g} µm/px; figure {cal_png}",
+        )
+
+        # ------------------------------------------------------------- 2. train + load
+        _say(stream)
+        if model_name is None:
+            _say(stream, f"2. train the {s.preset!r} preset from it (a separate process)")
+            t = time.monotonic()
+            job_id = ctl.call("train", preset=s.preset, seed=s.seed, load=False)["job"]
+            job = wait_job(ctl, events, job_id, "train", stream, timeout_s=s.job_timeout_s)
+            timings["train_s"] = time.monotonic() - t
+            result = job.get("result") or {}
+            model_name = str(result["model"])
+            validation = result.get("validation") or {}
+            _say(stream, f"   model {model_name}; on held-out synthetic frames: "
+                 + _validation_text(validation))  # fmt: skip
+        else:
+            _say(stream, f"2. use the given model {s.model} (imported as {model_name})")
+            validation = {}
+        ctl.call("load_model", name=model_name)
+        _say(stream, f"   load_model {model_name}: ok")
+        z_range = _model_z_range(workspace / "models" / model_name)
+
+        # ------------------------------------------------------------- 3. live
+        _say(stream)
+        _say(stream, f"3. live for {s.duration_s:g} s; subscribed to loc, track, hb:")
+        live = Subscriber(ep["pub"], topics=("loc", "track", "hb"))
+        time.sleep(0.3)  # let the subscription reach the publisher (slow joiner)
+        stats = LiveStats()
+        ctl.call("start", interval_ms=s.interval_ms)
+        t_live0 = time.monotonic()
+        stats.t0 = stats._win_t0 = t_live0
+        next_line = t_live0 + 1.0
+        t_end = t_live0 + s.duration_s
+        while (now := time.monotonic()) < t_end:
+            try:
+                topic, header, _ = live.recv(timeout_s=max(min(next_line, t_end) - now, 0.001))
+                stats.add(topic, header)
+            except TimeoutError:
+                pass
+            _drain(events)
+            now = time.monotonic()
+            if now >= next_line:
+                _say(stream, "   " + stats.window_line(now, _truth_in_view(driver, stats, z_range)))
+                next_line += 1.0
+        live_s = time.monotonic() - t_live0
+        status_live = ctl.call("status")
+        ctl.call("stop")
+        t_stop = time.monotonic()
+        while time.monotonic() - t_stop < 0.5:  # what was published before the stop
+            try:
+                topic, header, _ = live.recv(timeout_s=0.1)
+                stats.add(topic, header)
+            except TimeoutError:
+                break
+        timings["live_s"] = live_s
+
+        # ------------------------------------------------------------- 4. score
+        _say(stream)
+        _say(stream, "4. what was published, against the simulator's ground truth")
+        truth = truth_by_frame(list(driver.core.truth), shape, px, z_range)
+        region = scoring_region(shape, px)
+        loc_score = score_frames(stats.loc_xyz, truth.xyz_um, region_um=region)
+        track_score = score_frames(stats.track_xyz, truth.xyz_um, region_um=region)
+        align = alignment_error_s(stats.t_acq_s, truth.t_sim_s)
+        live_summary = stats.summary(live_s)
+        drops = status_live.get("frames_dropped_by_reason") or {}
+        live_summary.update(
+            frames_acquired=int(status_live.get("frames_acquired", 0)),
+            frames_analysed=int(status_live.get("frames_analysed", 0)),
+            frames_dropped=int(status_live.get("frames_dropped", 0)),
+            frames_dropped_by_reason=drops,
+            latency_note="t_pub_s - t_acq_s of each loc message; the simulated camera stamps "
+            "a frame at the start of its slot, so this includes rendering it",
+        )
+        for line in _score_lines(loc_score, track_score, live_summary):
+            _say(stream, "   " + line)
+        if align is not None and align > 0.5 * max(s.interval_ms, s.exposure_ms) / 1000.0:
+            _say(stream, f"   warning: frame ↔ truth alignment is off by up to {align:.3f} s")
+        timings["total_s"] = time.monotonic() - t_all
+
+        summary = _clean(
+            {
+                "kind": "focaltrack.demo",
+                "schema_version": 1,
+                "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "settings": {
+                    "frame_px": [shape[1], shape[0]],
+                    "pixel_size_um": px,
+                    "emitters": s.n_emitters,
+                    "flow_um_s": [s.flow_um_s, 0.0, 0.0],
+                    "diffusion_um2_s": s.diffusion_um2_s,
+                    "defocus_range_um": list(z_range),
+                    "interval_ms": s.interval_ms,
+                    "exposure_ms": s.exposure_ms,
+                    "duration_s": s.duration_s,
+                    "preset": s.preset if s.model is None else None,
+                    "model_given": str(s.model) if s.model is not None else None,
+                    "seed": s.seed,
+                    "edge_margin_um": EDGE_MARGIN_UM,
+                },
+                "calibration": cal_info,
+                "model": {"name": model_name, "validation": validation},
+                "live": live_summary,
+                "accuracy": {
+                    "localizations": loc_score,
+                    "confirmed_tracks": track_score,
+                    "truth_streams": truth.n_streams,
+                    "frame_alignment_spread_s": align,
+                },
+                "timings_s": timings,
+                "files": {"calibration_png": str(cal_png), "workspace": str(workspace)},
+                "endpoints": ep,
+            }
+        )
+        path = out / "summary.json"
+        _write_json_atomic(path, summary)
+        _say(stream)
+        _say(stream, f"wrote {cal_png} and {path} in {timings['total_s']:.0f} s.")
+        _say(
+            stream,
+            f"Next: focaltrack serve --driver sim --sim-size {s.size_px} --workspace {workspace}  "
+            "(restores this calibration and model)",
+        )
+        return summary
+    finally:
+        for sock in (live, events):
+            if sock is not None:
+                sock.close()
+        ctl.close()
+        svc.stop()
+        svc.join(30.0)
+
+
+def _drain(sub: Subscriber) -> None:
+    """Discard what is queued (the demo's event subscriber is only read during jobs)."""
+    try:
+        sub.drain_newest()
+    except Exception as e:  # never let the display take the demo down
+        log.debug("drain failed: %s", e)
+
+
+def _truth_in_view(driver: Any, stats: LiveStats, z_range_um: tuple[float, float]) -> int | None:
+    """True emitters in view in the newest published frame (the simulator knows)."""
+    core = getattr(driver, "core", None)
+    if stats.last_frame is None or core is None:
+        return None
+    recent = list(core.truth)  # one C-level copy: the camera thread appends meanwhile
+    for e in reversed(recent):
+        if e.sequence_frame == stats.last_frame:
+            cam = (core.height, core.width)
+            return len(visible_truth(e, cam, core.optics.pixel_size_um, z_range_um))
+        if 0 <= e.sequence_frame < stats.last_frame:
+            break
+    return None
+
+
+def _calibration_figure(cal_path: Path, png: Path) -> None:
+    from focaltrack.sim.calibration import Calibration
+    from focaltrack.sim.calibration_figure import render_figure
+
+    render_figure(Calibration.load(cal_path), png)
+
+
+def _model_z_range(bundle: Path) -> tuple[float, float]:
+    """The calibrated defocus range of a model (its z bins), µm."""
+    try:
+        meta = json.loads((bundle / "bundle.json").read_text())
+        z = [float(v) for v in meta["z_um"]]
+        return (min(z), max(z))
+    except (OSError, ValueError, KeyError, TypeError):
+        return (0.0, 100.0)
+
+
+def _validation_text(by_snr: Mapping[str, Any]) -> str:
+    parts = []
+    for key, v in by_snr.items():
+        if isinstance(v, dict) and v.get("jaccard") is not None:
+            parts.append(f"Jaccard {v['jaccard']:.2f} at {key.replace('dB', ' dB')}")
+    return ", ".join(parts) if parts else "no validation numbers"
+
+
+def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
+    if v is None:
+        return "-"
+    return f"{v:{spec}}{unit}"
+
+
+def _score_lines(
+    loc: Mapping[str, Any], track: Mapping[str, Any], live: Mapping[str, Any]
+) -> list[str]:
+    lines = [
+        f"frames: {live.get('frames_acquired')} acquired, {live.get('frames_analysed')} "
+        f"analysed ({_fmt(live.get('analysed_fps'), '.1f')} frames/s), dropped "
+        + ", ".join(f"{k} {v}" for k, v in (live.get("frames_dropped_by_reason") or {}).items()),
+        f"frame-to-publish latency: p50 {_fmt(live['latency_ms']['p50'], '.1f')} ms, "
+        f"p99 {_fmt(live['latency_ms']['p99'], '.1f')} ms (inference p50 "
+        f"{_fmt(live['inference_ms']['p50'], '.1f')} ms; the simulated camera stamps a frame "
+        "at the start of its slot, so this includes the time it takes to render it)",
+    ]
+    for what, sc in (("localizations", loc), ("confirmed tracks", track)):
+        lines.append(f"{what} ({sc['frames']} frames scored):")
+        for key, v in sc["by_tolerance"].items():
+            lines.append(
+                f"  within {key.replace('um', ' µm'):>6}: Jaccard {_fmt(v['jaccard'])}  "
+                f"precision {_fmt(v['precision'])}  recall {_fmt(v['recall'])}  "
+                f"RMSE lateral {_fmt(v['rmse_lateral_um'])} µm, axial "
+                f"{_fmt(v['rmse_axial_um'])} µm  (TP {v['tp']}, FP {v['fp']}, FN {v['fn']})"
+            )
+    return lines
