@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 
 from focaltrack.drivers.base import CameraTimeoutError, DriverError, StreamEnded
+from focaltrack.models.tracker import defocus_to_depth, tracks_at_focus
 
 if TYPE_CHECKING:
     from focaltrack.daemon.config import ServiceConfig
@@ -412,12 +413,18 @@ class LivePipeline:
                 t0 = time.perf_counter()
                 locs = self._model.localizer.localize(frame.pixels, frame_index=frame.index)
                 inference_s = time.perf_counter() - t0
-                xyz = locs.xyz_um
+                # Tracked in absolute depth so that a focus move is not seen as motion;
+                # published, like the localizations, as defocus at this frame's focus.
+                focus = float(frame.stage_z_um)
+                xyz = defocus_to_depth(locs.xyz_um, focus)
                 ok = np.all(np.isfinite(xyz), axis=1) if len(locs) else None
-                tracks = tracker.update_frame(
-                    xyz if ok is None else xyz[ok],
-                    frame.t_acq_s,
-                    None if ok is None else np.asarray(locs.score)[ok],
+                tracks = tracks_at_focus(
+                    tracker.update_frame(
+                        xyz if ok is None else xyz[ok],
+                        frame.t_acq_s,
+                        None if ok is None else np.asarray(locs.score)[ok],
+                    ),
+                    focus,
                 )
                 last_t = frame.t_acq_s
                 m.inference_seconds.observe(inference_s)

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from typing import TYPE_CHECKING
 
@@ -921,4 +921,32 @@ def _empty_table() -> TrackTable:
         e,
         e,
         e,
+    )
+
+
+# ------------------------------------------------------- tracking across focus moves
+# Localizations report z as the defocus d = f − z_abs (the calibration's convention), which
+# jumps by the size of every focus move. The live service tracks the absolute depth
+# z_abs = f − d instead, so that a move_z (a focus lock, say) does not look like motion of
+# every emitter, and converts the tracks back to the defocus at each frame's focus position
+# for publishing. The map d ↔ f − d is its own inverse.
+
+
+def defocus_to_depth(xyz_um: np.ndarray, focus_um: float) -> np.ndarray:
+    """(N, 3) positions with z as defocus → z as absolute depth ``focus − z`` (and back)."""
+    out = np.array(xyz_um, dtype=np.float64, copy=True).reshape(-1, 3)
+    out[:, 2] = focus_um - out[:, 2]
+    return out
+
+
+def tracks_at_focus(frame: TrackFrame, focus_um: float) -> TrackFrame:
+    """Tracks kept in absolute depth → the same tracks with z as defocus at ``focus_um``.
+
+    z flips sign (z = f − z_abs), so vz and the xz/yz covariances flip sign too.
+    """
+    flip = np.array([1.0, 1.0, -1.0])
+    vel = frame.velocity_um_s * flip
+    cov = frame.cov_xyz_um2 * flip[:, None] * flip[None, :]
+    return replace(
+        frame, xyz_um=defocus_to_depth(frame.xyz_um, focus_um), velocity_um_s=vel, cov_xyz_um2=cov
     )

@@ -372,3 +372,29 @@ def test_reset_keeps_ids_unique_and_accepts_any_time():
     assert len(tracker) == 0 and tracker.t_s is None
     (track,) = tracker.update([[0.0, 0.0, 0.0]], 1.0)  # earlier than before the reset: fine
     assert track.id == 2
+
+
+def test_a_focus_move_is_not_motion_when_tracking_in_depth():
+    """The service tracks absolute depth (focus − defocus) and publishes defocus: a 10 µm
+    focus step in the middle of a still scene keeps the track, its zero velocity, and
+    reports the defocus change at once."""
+    from focaltrack.models.tracker import defocus_to_depth, tracks_at_focus
+
+    rng = np.random.default_rng(4)
+    depth = np.array([[20.0, 30.0, -40.0]])  # absolute, µm
+    tracker = KalmanTracker(TrackerConfig(sigma_lateral_um=0.1, sigma_axial_um=0.3))
+    ids, out = set(), None
+    for k in range(40):
+        focus = 0.0 if k < 20 else 10.0
+        defocus = depth.copy()
+        defocus[:, 2] = focus - depth[:, 2]  # what the localizer reports
+        meas = defocus + rng.normal(0.0, [0.1, 0.1, 0.3], size=(1, 3))
+        tf = tracks_at_focus(tracker.update_frame(defocus_to_depth(meas, focus), k * 0.01), focus)
+        ids.update(tf.id.tolist())
+        out = tf
+    assert out is not None and len(ids) == 1  # one track throughout, no re-birth
+    assert out.xyz_um[0, 2] == pytest.approx(50.0, abs=0.5)  # defocus after the move
+    assert abs(out.velocity_um_s[0, 2]) < 20.0  # a jump of 10 µm in 10 ms would read ~1000
+    # The map is its own inverse, and covariances keep their diagonal.
+    np.testing.assert_allclose(defocus_to_depth(defocus_to_depth(meas, 3.0), 3.0), meas)
+    assert np.all(np.diagonal(out.cov_xyz_um2, axis1=1, axis2=2) > 0)
