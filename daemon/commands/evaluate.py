@@ -15,14 +15,9 @@ from typing import Any
 
 import numpy as np
 
+from focaltrack.daemon.argtypes import positive_int
+
 log = logging.getLogger("focaltrack.evaluate")
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
 
 
 def _non_negative_int(text: str) -> int:
@@ -64,7 +59,7 @@ def register(sub: Any) -> None:
     p.add_argument("--model", required=True, type=Path, help="model bundle directory")
     p.add_argument("--out", required=True, type=Path, help="report directory (created)")
     p.add_argument(
-        "--frames", type=_positive_int, default=None, metavar="N", help="frames per point (50)"
+        "--frames", type=positive_int, default=None, metavar="N", help="frames per point (50)"
     )
     p.add_argument(
         "--isolated-frames",
@@ -118,7 +113,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--quick", action="store_true", help="a few frames per point (smoke test)")
     p.add_argument("--device", default=None, help="torch device for the model (auto)")
-    p.add_argument("--threads", type=_positive_int, default=None, help="CPU threads for torch")
+    p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(func=run)
 
 

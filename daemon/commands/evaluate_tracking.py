@@ -24,11 +24,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.daemon.argtypes import positive_float, positive_int
 from focaltrack.daemon.commands.track import (
     _config_dict,
     _non_negative_float,
-    _positive_float,
-    _positive_int,
     add_tracker_arguments,
     config_from_args,
 )
@@ -75,8 +74,8 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="report directory (created)")
     p.add_argument("--scenes", type=_scene_list, default=SCENES, help=",".join(SCENES))
     p.add_argument("--seed", type=int, default=0, help="random seed (0)")
-    p.add_argument("--frames", type=_positive_int, default=300, help="frames per scene (300)")
-    p.add_argument("--fps", type=_positive_float, default=100.0, help="frame rate, Hz (100)")
+    p.add_argument("--frames", type=positive_int, default=300, help="frames per scene (300)")
+    p.add_argument("--fps", type=positive_float, default=100.0, help="frame rate, Hz (100)")
     p.add_argument(
         "--noise-um",
         type=str,
@@ -98,13 +97,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--tolerance-um",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         help="match distance for MOTA / gate ε for α, β / smoothing gain, µm (5)",
     )
     p.add_argument(
         "--timing-iterations",
-        type=_positive_int,
+        type=positive_int,
         default=300,
         help="updates timed for the 200 × 200 benchmark (300)",
     )

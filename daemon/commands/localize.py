@@ -11,7 +11,6 @@ in the input. Prints frames/s to stderr. See docs/models.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -19,21 +18,9 @@ from typing import Any
 
 import numpy as np
 
+from focaltrack.daemon.argtypes import positive_float, positive_int
+
 COLUMNS = ("frame", "x_um", "y_um", "z_um", "score")
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
-
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not (v > 0 and math.isfinite(v)):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return v
 
 
 def _unit_float(text: str) -> float:
@@ -59,7 +46,7 @@ def register(sub: Any) -> None:
     p.add_argument("--dataset", help="HDF5 dataset holding the frames (N, H, W)")
     p.add_argument(
         "--pixel-size",
-        type=_positive_float,
+        type=positive_float,
         metavar="UM",
         help="pixel size of the frames in the sample (µm); must match the model's within 1 %% "
         "unless --force (default: assume the model's)",
@@ -71,8 +58,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--threshold", type=_unit_float, help="lateral detection threshold")
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA if available)")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores, ≤ 8)")
-    p.add_argument("--batch", type=_positive_int, default=4, help="frames per batch (default 4)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores, ≤ 8)")
+    p.add_argument("--batch", type=positive_int, default=4, help="frames per batch (default 4)")
     p.set_defaults(func=run)
 
 

@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.daemon.argtypes import positive_float, positive_int
+
 if TYPE_CHECKING:
     from focaltrack.models.tracker import TrackerConfig, TrackTable
 
@@ -57,24 +59,12 @@ _MOTION_ALIASES = {
 
 
 # --------------------------------------------------------------------------- arguments
-def _positive_float(text: str) -> float:
-    v = float(text)
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return v
 
 
 def _non_negative_float(text: str) -> float:
     v = float(text)
     if not (math.isfinite(v) and v >= 0):
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-    return v
-
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
     return v
 
 
@@ -148,7 +138,7 @@ def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--init-velocity-std-um-s",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help=f"cv: velocity uncertainty of a new track, µm/s ({d.init_velocity_std_um_s:g})",
     )
@@ -160,25 +150,25 @@ def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--confirm-hits",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"M: hits that confirm a track ({d.confirm_hits})",
     )
     g.add_argument(
         "--confirm-window",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"N: ... within its first N frames ({d.confirm_window})",
     )
     g.add_argument(
         "--max-misses",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"K: consecutive misses that delete a confirmed track ({d.max_misses})",
     )
     g.add_argument(
         "--max-births-per-frame",
-        type=_positive_int,
+        type=positive_int,
         default=None,
         help=f"new tracks per frame at most ({d.max_births_per_frame})",
     )
@@ -235,7 +225,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, type=Path, help="tracks file, .csv or .h5")
     p.add_argument(
         "--fps",
-        type=_positive_float,
+        type=positive_float,
         default=None,
         help="frame rate, Hz: frame times are frame / fps (needed without a t_s column)",
     )

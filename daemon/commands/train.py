@@ -10,13 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-
-def _positive_int(text: str) -> int:
-    v = int(text)
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {v}")
-    return v
-
+from focaltrack.daemon.argtypes import positive_int
 
 # The preset names, spelled out so that building the CLI does not import torch;
 # tests/test_cnn.py checks them against focaltrack.models.train.PRESETS.
@@ -47,7 +41,7 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N"
     )
-    p.add_argument("--threads", type=_positive_int, help="CPU threads (default: all cores, ≤ 8)")
+    p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores, ≤ 8)")
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
