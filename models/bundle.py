@@ -38,7 +38,9 @@ import torch
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
 from focaltrack.sim.calibration import Calibration, CalibrationError
 
-BUNDLE_SCHEMA_VERSION = 1
+BUNDLE_SCHEMA_VERSION = 2
+#: 1: axial network without per-bin lateral offsets (still read and applied as trained)
+READABLE_SCHEMA_VERSIONS = (1, 2)
 BUNDLE_KIND = "focaltrack.model"
 FILES = ("bundle.json", "lateral.pt", "axial.pt", "calibration.h5")
 MARKER = "COMPLETE"
@@ -135,10 +137,10 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     if not isinstance(meta, dict) or meta.get("kind") != BUNDLE_KIND:
         raise BundleError(f"{path} is not a focaltrack model bundle")
     version = meta.get("schema_version")
-    if version != BUNDLE_SCHEMA_VERSION:
+    if version not in READABLE_SCHEMA_VERSIONS:
         raise BundleError(
             f"model {path} has bundle schema version {version}; this focaltrack reads "
-            f"version {BUNDLE_SCHEMA_VERSION}"
+            f"versions {', '.join(map(str, READABLE_SCHEMA_VERSIONS))}"
         )
     return meta
 

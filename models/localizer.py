@@ -11,8 +11,12 @@ Per frame (DESIGN.md "Data flow"):
 5. z peaks: local maxima of the z-bin probabilities whose *mass* (Σ p over the peak ± 2
    bins, ≈ 1 for a present emitter) passes the axial threshold, separated by ≥ 3 bins; z is
    the probability-weighted mean over the same bins (sub-bin: exact for the triangle
-   targets the network is trained on); several peaks → several emitters at one xy;
-6. duplicates (two detections of the same emitter) within ``merge_px`` laterally and
+   targets the network is trained on); several peaks → several emitters;
+6. lateral position of each z peak: the window centre plus the axial network's offset for
+   that peak (probability-weighted over the same bins), so emitters found in one window
+   each get their own position; a bundle without offsets (schema 1) uses the lateral
+   detector's sub-pixel position for every peak;
+7. duplicates (one emitter found from two windows) within ``merge_px`` laterally and
    ``merge_um`` axially are merged, keeping the higher score.
 
 ``score`` = lateral probability × min(1, axial mass), in [0, 1].
@@ -72,7 +76,7 @@ class DecodeSettings:
     lateral_threshold: float = 0.4
     axial_threshold: float = 0.5
     min_peak_separation_bins: int = 3
-    merge_px: float = 6.0
+    merge_px: float = 4.0
     merge_um: float = 4.0
 
     @classmethod
@@ -89,6 +93,10 @@ class Candidates:
     x_px: torch.Tensor
     p_lat: torch.Tensor
     p_ax: torch.Tensor  # (M, Z)
+    off_ax: torch.Tensor | None = None  # (M, 2, Z) per-bin (dy, dx) / offset_scale
+    crop_y: torch.Tensor | None = None  # (M,) window centre pixel (row)
+    crop_x: torch.Tensor | None = None  # (M,) window centre pixel (column)
+    offset_scale: float = 1.0  # px per offset unit (the training label radius)
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -154,6 +162,8 @@ class Localizer:
         self.stride = self.lateral.stride
         self.window = self.axial.cfg.window
         self._z = torch.as_tensor(self.z_um, dtype=torch.float32, device=self.device)
+        synth = self.meta.get("training", {}).get("settings", {}).get("synth", {})
+        self.offset_scale = float(synth.get("axial_label_radius_px", 1.0))
 
     @classmethod
     def from_bundle(
@@ -254,9 +264,11 @@ class Localizer:
         win = self.window
         c = win // 2
         padded = F.pad(x, (c, win - c, c, win - c))
+        ry = torch.round(y).long().clamp_(0, h - 1)
+        rx = torch.round(xx).long().clamp_(0, w - 1)
+        nz = len(self.z_um)
+        off: torch.Tensor | None = None
         if len(fi):
-            ry = torch.round(y).long().clamp_(0, h - 1)
-            rx = torch.round(xx).long().clamp_(0, w - 1)
             # one strided view per detection, then one stack (a gather with (N, S, S) index
             # tensors moves 3 × 8 bytes of indices per pixel and is several times slower)
             crops = torch.stack(
@@ -265,12 +277,26 @@ class Localizer:
                     for f, r, q in zip(fi.tolist(), ry.tolist(), rx.tolist(), strict=True)
                 ]
             )
-            p_ax = torch.sigmoid(self._ax(crops[:, None]))
+            out_ax = self._ax(crops[:, None])
+            p_ax = torch.sigmoid(out_ax[:, 0])
+            if out_ax.shape[1] == 3:
+                off = out_ax[:, 1:]
         else:
-            p_ax = torch.zeros((0, len(self.z_um)), device=self.device)
-        return [
-            Candidates(y[fi == i], xx[fi == i], p_lat[fi == i], p_ax[fi == i]) for i in range(n)
-        ]
+            p_ax = torch.zeros((0, nz), device=self.device)
+            if self.axial.cfg.offsets:
+                off = torch.zeros((0, 2, nz), device=self.device)
+        out: list[Candidates] = []
+        for i in range(n):
+            m = fi == i
+            out.append(
+                Candidates(
+                    y[m], xx[m], p_lat[m], p_ax[m],
+                    off_ax=None if off is None else off[m],
+                    crop_y=ry[m].float(), crop_x=rx[m].float(),
+                    offset_scale=self.offset_scale,
+                )
+            )  # fmt: skip
+        return out
 
     def to_localizations(
         self, c: Candidates, frame_index: int, settings: DecodeSettings | None = None
@@ -317,8 +343,15 @@ def decode_candidates(
     w = p[di[:, None], idx] * valid
     z = (w * z_grid[idx]).sum(1) / w.sum(1).clamp_min(1e-6)
     score = c.p_lat[keep][di] * mass[di, bi].clamp_max(1.0)
-    y = c.y_px[keep][di]
-    x = c.x_px[keep][di]
+    if c.off_ax is not None and c.crop_y is not None and c.crop_x is not None:
+        # each peak's own position: window centre + its offset, weighted like z
+        o = c.off_ax[keep].permute(0, 2, 1)[di[:, None], idx]  # (P, window, 2)
+        ws = w.sum(1).clamp_min(1e-6)
+        y = c.crop_y[keep][di] + (w * o[..., 0]).sum(1) / ws * c.offset_scale
+        x = c.crop_x[keep][di] + (w * o[..., 1]).sum(1) / ws * c.offset_scale
+    else:
+        y = c.y_px[keep][di]
+        x = c.x_px[keep][di]
     if len(z) > 1:
         # merge duplicates: a weaker localization near a stronger one is dropped
         order = torch.argsort(score, descending=True)

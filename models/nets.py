@@ -10,7 +10,12 @@ cells.
 `AxialNet` takes a window centred on a detection and outputs one logit per calibration z
 slice (multi-label, as in the paper): sigmoid probabilities trained against triangle
 (linear-interpolation) targets, so the two bins around an emitter share its weight and
-their weighted mean recovers z between slices.
+their weighted mean recovers z between slices. With ``offsets`` (the default since bundle
+schema 2) it also regresses, per z bin, the lateral offset (dy, dx) of the emitter at that
+depth from the window centre: every emitter near a detection gets its own full-resolution
+lateral position, so two emitters closer than the lateral detector's peak spacing are
+separated by depth *and* placed correctly, and copies of one emitter found from
+neighbouring windows land on the same point and merge.
 """
 
 from __future__ import annotations
@@ -44,8 +49,10 @@ class _DilatedBlock(nn.Module):
 
 @dataclass(frozen=True, slots=True)
 class LateralConfig:
-    stem: tuple[int, int] = (16, 24)  # channels at 1/2 and 1/4 resolution
-    widths: tuple[int, ...] = (32, 48, 64)  # channels at 1/8, 1/16, 1/32 resolution
+    stem: tuple[int, int] = (16, 32)  # channels at 1/2 and 1/4 resolution
+    # channels at 1/8, 1/16, 1/32 resolution; (32, 48, 64) found ~5 % fewer emitters in
+    # crowded frames after the same number of steps, for ~15 % less time per step
+    widths: tuple[int, ...] = (48, 64, 96)
     dilations: tuple[int, ...] = (1, 2)  # residual dilated blocks per context level
     stride: int = 4  # output resolution (fixed by the architecture)
 
@@ -87,7 +94,7 @@ class LateralNet(nn.Module):
             )
             for i in range(len(cfg.widths))
         )
-        self.fuse = _cbr(c4, c4)
+        self.fuse = _cbr(chans[0], c4)
         self.head = nn.Conv2d(c4, 3, 1)
         with torch.no_grad():
             self.head.bias.zero_()
@@ -120,6 +127,11 @@ class AxialConfig:
     window: int = 128
     widths: tuple[int, ...] = (12, 24, 32, 48, 64)
     hidden: int = 192
+    offsets: bool = True  # per-bin lateral offsets (see the module docstring)
+
+    @property
+    def outputs_per_bin(self) -> int:
+        return 3 if self.offsets else 1
 
     def to_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -130,11 +142,14 @@ class AxialConfig:
     def from_dict(cls, d: dict[str, object]) -> AxialConfig:
         d = dict(d)
         d["widths"] = tuple(d["widths"])  # type: ignore[arg-type]
+        d.setdefault("offsets", False)  # bundles written before offsets existed
         return cls(**d)  # type: ignore[arg-type]
 
 
 class AxialNet(nn.Module):
-    """(N, 1, S, S) windows centred on detections → (N, n_bins) z-bin logits.
+    """(N, 1, S, S) windows centred on detections → (N, K, n_bins): z-bin logits in
+    channel 0 and, with ``offsets`` (K = 3), each bin's emitter offset (dy, dx) from the
+    window centre in units of the label radius in channels 1 and 2.
 
     Five stride-2 stages (S → S/32), strided 3×3 convs (plus a 3×3 conv from the third
     stage on, where it is cheap), then a
@@ -162,11 +177,29 @@ class AxialNet(nn.Module):
             nn.Dropout(0.2),
             nn.Linear(cfg.hidden, cfg.n_bins),
         )
+        # offsets get their own hidden layer: sharing the classifier's, the L1 loss drives
+        # its ReLUs to zero early on (a constant 0 offset is its cheapest minimum) and the
+        # z logits never leave the prior
+        self.offset_head = (
+            nn.Sequential(
+                nn.Flatten(),
+                nn.Linear(cin * side * side, cfg.hidden),
+                nn.ReLU(inplace=True),
+                nn.Linear(cfg.hidden, 2 * cfg.n_bins),
+            )
+            if cfg.offsets
+            else None
+        )
         with torch.no_grad():  # start at the label prior (~1–2 of 51 bins on), not at 0.5
             self.head[-1].bias.fill_(-3.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        f = self.features(x)
+        logits = self.head(f)[:, None]
+        if self.offset_head is None:
+            return logits
+        off = self.offset_head(f).view(len(f), 2, self.cfg.n_bins)
+        return torch.cat([logits, off], 1)
 
 
 def fuse_batchnorm(model: nn.Module) -> nn.Module:

@@ -64,7 +64,10 @@ class SynthConfig:
     phases: int = 4  # PSF table sub-pixel phases per axis
     # axial windows
     axial_jitter_px: float = 1.5  # centre emitter displaced up to this (lateral error)
-    axial_label_radius_px: float = 6.0  # emitters this close to the centre are labels
+    # emitters this close to the centre are labels: the lateral detector's peak spacing (two
+    # 4-px cells), so that an emitter whose lateral peak was suppressed by a neighbour's is
+    # still reported, at its own offset, by the neighbour's window
+    axial_label_radius_px: float = 8.0
     axial_p_empty: float = 0.1  # windows centred at random (no emitter forced there)
     scene_px: int = 192  # axial windows are cut from scenes this large
     windows_per_scene: int = 4
@@ -278,6 +281,7 @@ class LateralBatch:
 class AxialBatch:
     x: torch.Tensor  # (B, 1, S, S) preprocessed windows
     target: torch.Tensor  # (B, Z) soft multi-label targets over the calibration z grid
+    offset: torch.Tensor  # (B, 2, Z) (dy, dx) from the window centre / label radius, per bin
     emitters: Emitters
     centre_px: float  # window centre (pixel coordinates inside the window)
 
@@ -443,9 +447,11 @@ class Synthesizer:
             z_um=em.z_um[ei],
             intensity=em.intensity[ei],
         )
-        target = axial_targets(rel, batch, float(c), cfg.axial_label_radius_px, self.z_grid)
+        target, offset = axial_targets_with_offsets(
+            rel, batch, float(c), cfg.axial_label_radius_px, self.z_grid
+        )
         self._count(batch, t0)
-        return AxialBatch(win[:, None], target, rel, float(c))
+        return AxialBatch(win[:, None], target, offset, rel, float(c))
 
     def frames(
         self,
@@ -545,9 +551,20 @@ def axial_targets(
     A triangle is linear interpolation between neighbouring bins, so the two bins around an
     emitter carry weights that sum to 1 and their weighted mean is its z exactly.
     """
+    return axial_targets_with_offsets(em, batch, centre, radius, z_grid)[0]
+
+
+def axial_targets_with_offsets(
+    em: Emitters, batch: int, centre: float, radius: float, z_grid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`axial_targets` and, per window and bin, the lateral offset (dy, dx) of the emitter
+    that owns the bin (the largest triangle weight there) from the window centre, divided
+    by ``radius`` (so within [-1, 1]); zero where no emitter does."""
     near = torch.hypot(em.x_px - centre, em.y_px - centre) <= radius
     b, z = em.b[near], em.z_um[near]
-    target = torch.zeros((batch, len(z_grid)), device=z_grid.device)
+    nz = len(z_grid)
+    target = torch.zeros((batch, nz), device=z_grid.device)
+    offset = torch.zeros((batch, 2, nz), device=z_grid.device)
     if len(b):
         dz = torch.diff(z_grid)
         up = torch.cat([dz, dz[-1:]])  # spacing to the next grid point
@@ -555,7 +572,11 @@ def axial_targets(
         d = z[:, None] - z_grid[None, :]
         tri = torch.where(d >= 0, 1.0 - d / up[None, :], 1.0 + d / down[None, :])
         tri = tri.clamp_(min=0.0)
-        target.scatter_reduce_(
-            0, b[:, None].expand(-1, len(z_grid)), tri, reduce="amax", include_self=True
-        )
-    return target
+        target.scatter_reduce_(0, b[:, None].expand(-1, nz), tri, reduce="amax", include_self=True)
+        # the owner of each (window, bin): the emitter whose weight is the maximum there
+        # (ties need two emitters at exactly the same continuous z)
+        own_e, own_z = torch.nonzero((tri > 0) & (tri == target[b]), as_tuple=True)
+        ob = b[own_e]
+        offset[ob, 0, own_z] = (em.y_px[near][own_e] - centre) / radius
+        offset[ob, 1, own_z] = (em.x_px[near][own_e] - centre) / radius
+    return target, offset

@@ -308,3 +308,96 @@ def test_progress_bar_reports_rate_and_eta():
         bar.update(i + 1, loss=0.5)
     text = s.getvalue()
     assert "10/10" in text and "it/s" in text and "ETA" in text and "loss 0.5" in text
+
+
+# ---------------------------------------------------------------- decoding, offsets
+def _triangle(z_grid: torch.Tensor, z: float) -> torch.Tensor:
+    step = float(z_grid[1] - z_grid[0])
+    return (1.0 - (z_grid - z).abs() / step).clamp_min(0.0)
+
+
+def _offsets(z_grid: torch.Tensor, per_peak: list[tuple[float, float, float]]) -> torch.Tensor:
+    """(2, Z) offsets: each (z, dy, dx) written on the bins within 2 of z."""
+    off = torch.zeros(2, len(z_grid))
+    for z, dy, dx in per_peak:
+        near = (z_grid - z).abs() <= 4.0
+        off[0, near], off[1, near] = dy, dx
+    return off
+
+
+def test_each_z_peak_gets_its_own_position_and_z():
+    from focaltrack.models.localizer import Candidates, DecodeSettings, decode_candidates
+
+    z = torch.arange(0.0, 101.0, 2.0)
+    p = torch.maximum(_triangle(z, 21.0), _triangle(z, 60.6))[None]
+    off = _offsets(z, [(21.0, 0.3, -0.2), (60.6, -0.5, 0.4)])[None]
+    c = Candidates(
+        y_px=torch.tensor([50.4]), x_px=torch.tensor([59.8]), p_lat=torch.tensor([0.9]),
+        p_ax=p, off_ax=off, crop_y=torch.tensor([50.0]), crop_x=torch.tensor([60.0]),
+        offset_scale=10.0,
+    )  # fmt: skip
+    x, y, zz, score = decode_candidates(c, z, DecodeSettings())
+    order = np.argsort(zz)
+    assert zz[order] == pytest.approx([21.0, 60.6], abs=1e-4)
+    assert y[order] == pytest.approx([53.0, 45.0], abs=1e-4)
+    assert x[order] == pytest.approx([58.0, 64.0], abs=1e-4)
+    assert np.all(score > 0.8)
+    # a bundle without offsets (schema 1): both peaks at the detector's position
+    c.off_ax = None
+    x, y, zz, _ = decode_candidates(c, z, DecodeSettings())
+    assert y == pytest.approx([50.4, 50.4]) and x == pytest.approx([59.8, 59.8])
+
+
+def test_one_emitter_reported_by_two_windows_is_merged():
+    from focaltrack.models.localizer import Candidates, DecodeSettings, decode_candidates
+
+    z = torch.arange(0.0, 101.0, 2.0)
+    # two detections 8 px apart; both windows see the same emitter at (54, 60), z 40.0
+    p = torch.stack([_triangle(z, 40.0), 0.8 * _triangle(z, 40.0)])
+    off = torch.stack([_offsets(z, [(40.0, 0.4, 0.0)]), _offsets(z, [(40.0, -0.4, 0.0)])])
+    c = Candidates(
+        y_px=torch.tensor([50.0, 58.0]), x_px=torch.tensor([60.0, 60.0]),
+        p_lat=torch.tensor([0.9, 0.7]), p_ax=p, off_ax=off,
+        crop_y=torch.tensor([50.0, 58.0]), crop_x=torch.tensor([60.0, 60.0]), offset_scale=10.0,
+    )  # fmt: skip
+    x, y, zz, score = decode_candidates(c, z, DecodeSettings(merge_px=4.0, merge_um=4.0))
+    assert len(zz) == 1 and score[0] == pytest.approx(0.9)
+    assert (y[0], x[0], zz[0]) == pytest.approx((54.0, 60.0, 40.0))
+
+
+def test_schema_1_bundle_without_offsets_still_localizes(model, tmp_path):
+    """Bundles trained before per-bin offsets (schema 1) load and run as trained."""
+    d = tmp_path / "old"
+    shutil.copytree(model, d)
+    meta = json.loads((d / "bundle.json").read_text())
+    meta["schema_version"] = 1
+    meta["axial"].pop("offsets")
+    (d / "bundle.json").write_text(json.dumps(meta))
+    state = torch.load(d / "axial.pt", weights_only=True)
+    torch.save({k: v for k, v in state.items() if not k.startswith("offset_head")}, d / "axial.pt")
+    loc_old, loc_new = Localizer.from_bundle(d), Localizer.from_bundle(model)
+    assert not loc_old.axial.cfg.offsets and loc_new.axial.cfg.offsets
+    rng = np.random.default_rng(11)
+    xyz = random_scene(rng, 1, SHAPE, margin_px=30)
+    frame = render_frame(SHAPE, xyz, np.array([photons_for_peak_snr(20.0, 20.0)]), rng)
+    old, new = loc_old.localize(frame), loc_new.localize(frame)
+    assert len(old) >= 1 and len(new) >= 1
+    # same z network, so the same depths; positions from the detector instead of offsets
+    assert np.sort(old.z_um)[0] == pytest.approx(np.sort(new.z_um)[0], abs=1e-6)
+
+
+def test_prefetch_keeps_order_and_raises_the_producers_error():
+    from focaltrack.models.train import Prefetch
+
+    it = iter(range(5))
+    pf = Prefetch(lambda: next(it), 5)
+    assert [pf.get() for _ in range(5)] == [0, 1, 2, 3, 4]
+    pf.close()
+
+    def bad() -> int:
+        raise ZeroDivisionError("synthesizer failed")
+
+    pf = Prefetch(bad, 3)
+    with pytest.raises(ZeroDivisionError, match="synthesizer failed"):
+        pf.get()
+    pf.close()

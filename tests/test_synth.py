@@ -17,6 +17,7 @@ from focaltrack.sim.synth import (
     SynthConfig,
     Synthesizer,
     axial_targets,
+    axial_targets_with_offsets,
     lateral_targets,
 )
 
@@ -150,6 +151,27 @@ def test_axial_targets_encode_z_between_bins():
     assert t[1, 5] == pytest.approx(1.0) and float(t[1].sum()) == pytest.approx(1.0)
 
 
+def test_axial_offsets_belong_to_the_emitter_owning_each_bin():
+    z_grid = torch.arange(0.0, 101.0, 2.0)
+    # window 0: a centre emitter at z 31.2 and a neighbour 8 px away at z 33.0 (sharing bin
+    # 16 with it) and a far one (not a label); window 1: nothing near
+    em = _em(x_px=[64.0, 72.0, 64.0, 90.0], y_px=[62.0, 64.0, 80.0, 64.0],
+             z_um=[31.2, 33.0, 50.0, 50.0], b=[0, 0, 0, 1])  # fmt: skip
+    t, off = axial_targets_with_offsets(em, 2, 64.0, 10.0, z_grid)
+    assert off.shape == (2, 2, 51)
+    # bin 15 (z 30) belongs to the centre emitter only: (dy, dx) = (-2, 0) / 10
+    assert off[0, :, 15].tolist() == pytest.approx([-0.2, 0.0])
+    # bin 16 (z 32): weights 0.6 (centre) and 0.5 (neighbour) → the centre emitter's
+    assert t[0, 16] == pytest.approx(0.6, abs=1e-5)
+    assert off[0, :, 16].tolist() == pytest.approx([-0.2, 0.0])
+    # bin 17 (z 34) belongs to the neighbour: (0, 8) / 10
+    assert off[0, :, 17].tolist() == pytest.approx([0.0, 0.8])
+    # the emitter 16 px away (radius 10) is neither a label nor an offset
+    assert float(t[0, 25]) == 0.0 and off[0, :, 25].tolist() == [0.0, 0.0]
+    assert float(off[1].abs().sum()) == 0.0 and float(t[1].sum()) == 0.0
+    assert torch.equal(t, axial_targets(em, 2, 64.0, 10.0, z_grid))
+
+
 def test_axial_batch_labels_the_centre_emitter(synth):
     b = synth.axial_batch(16)
     em = b.emitters
@@ -158,9 +180,15 @@ def test_axial_batch_labels_the_centre_emitter(synth):
         d = torch.hypot(em.x_px[m] - b.centre_px, em.y_px[m] - b.centre_px)
         near = em.z_um[m][d <= synth.config.axial_label_radius_px]
         # every near emitter's z is where the target says
-        for z in near.tolist():
+        r = synth.config.axial_label_radius_px
+        for z, y, x in zip(near.tolist(), em.y_px[m][d <= r].tolist(),
+                           em.x_px[m][d <= r].tolist(), strict=True):  # fmt: skip
             k = int(np.clip(round(z / 2.0), 0, 50))
             assert float(b.target[i, k]) >= 0.5 - 1e-6
+            alone = int(((near - z).abs() < 2.0).sum()) == 1  # no other claim on bin k
+            if alone:
+                want = [(y - b.centre_px) / r, (x - b.centre_px) / r]
+                assert b.offset[i, :, k].tolist() == pytest.approx(want, abs=1e-5)
         if len(near) == 0:
             assert float(b.target[i].max()) == 0.0
 
