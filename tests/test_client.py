@@ -243,14 +243,20 @@ def _join(pub: Pub, sub: Subscriber) -> None:
     raise AssertionError("subscriber never joined")
 
 
-def _all_arrived(sub: Subscriber, sentinel_topic: str = "hb") -> dict[str, Any]:
-    """drain_newest until the sentinel arrives (published last; TCP keeps order)."""
+SENTINEL_SEQ = 1_000_000  # a heartbeat sequence number no join heartbeat has
+
+
+def _all_arrived(sub: Subscriber) -> dict[str, Any]:
+    """drain_newest until the sentinel heartbeat (``pub.hb(seq=SENTINEL_SEQ)``, published
+    last; TCP keeps order) arrives. Heartbeats from `_join` may still be in flight, so the
+    sentinel is told apart by its sequence number, not its topic."""
     got: dict[str, Any] = {}
     deadline = time.monotonic() + 5.0
-    while sentinel_topic not in got and time.monotonic() < deadline:
+    while time.monotonic() < deadline:
         got.update(sub.drain_newest())
-        if sentinel_topic not in got:
-            sub.socket.poll(20, zmq.POLLIN)
+        if "hb" in got and got["hb"][1]["seq"] == SENTINEL_SEQ:
+            break
+        sub.socket.poll(20, zmq.POLLIN)
     return got
 
 
@@ -284,7 +290,7 @@ def test_drain_newest_keeps_the_newest_per_topic(pub: Pub) -> None:
         _join(pub, sub)
         for i in range(50):
             pub.loc(i, frame=100 + i)
-        pub.hb()
+        pub.hb(seq=SENTINEL_SEQ)
         got = _all_arrived(sub)
         assert set(got) == {"loc", "hb"}
         assert got["loc"][1]["seq"] == 49 and got["loc"][1]["frame"] == 149
@@ -299,13 +305,13 @@ def test_conflate_newest_recv(pub: Pub) -> None:
         sub.drain_newest()
         for i in range(20):
             pub.loc(i, frame=i)
-        pub.hb()
+        pub.hb(seq=SENTINEL_SEQ)
         # When the probe has everything, so (nearly always) has `sub`; its order is the
         # same either way, which is all the assertions below rely on.
         _all_arrived(probe)
         seen: list[tuple[str, int]] = []
         deadline = time.monotonic() + 5.0
-        while ("hb" not in {t for t, _ in seen}) and time.monotonic() < deadline:
+        while ("hb", SENTINEL_SEQ) not in seen and time.monotonic() < deadline:
             topic, header, _ = sub.recv(timeout_s=2.0)
             seen.append((topic, header["seq"]))
         locs = [s for t, s in seen if t == "loc"]
