@@ -122,6 +122,12 @@ class DemoSettings:
             raise ValueError(f"--out {out}: cannot write in {parent}")
 
 
+def _xyz_um(header: dict[str, Any]) -> np.ndarray:
+    """(N, 3) positions from a loc or track header's x_um, y_um, z_um columns."""
+    cols = [np.asarray(header[k], dtype=np.float64) for k in ("x_um", "y_um", "z_um")]
+    return np.stack(cols, axis=1).reshape(-1, 3)
+
+
 def _existing_parent(p: Path) -> Path:
     p = p.absolute()
     while not p.exists():
@@ -420,14 +426,7 @@ class LiveStats:
         self._last_seq[topic] = seq
         if topic == "loc":
             frame = int(header["frame"])
-            xyz = np.stack(
-                [
-                    np.asarray(header["x_um"], dtype=np.float64),
-                    np.asarray(header["y_um"], dtype=np.float64),
-                    np.asarray(header["z_um"], dtype=np.float64),
-                ],
-                axis=1,
-            ).reshape(-1, 3)
+            xyz = _xyz_um(header)
             self.loc_xyz[frame] = xyz[np.all(np.isfinite(xyz), axis=1)]
             self.t_acq_s[frame] = float(header["t_acq_s"])
             lat = float(header["t_pub_s"]) - float(header["t_acq_s"])
@@ -443,14 +442,7 @@ class LiveStats:
             frame = int(header["frame"])
             status = header.get("status") or []
             conf = np.array([s == "confirmed" for s in status], dtype=bool)
-            xyz = np.stack(
-                [
-                    np.asarray(header["x_um"], dtype=np.float64),
-                    np.asarray(header["y_um"], dtype=np.float64),
-                    np.asarray(header["z_um"], dtype=np.float64),
-                ],
-                axis=1,
-            ).reshape(-1, 3)
+            xyz = _xyz_um(header)
             xyz = xyz[conf] if len(conf) == len(xyz) else xyz[:0]
             self.track_xyz[frame] = xyz[np.all(np.isfinite(xyz), axis=1)]
             self.n_confirmed.append(len(xyz))
