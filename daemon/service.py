@@ -193,6 +193,10 @@ class Service:
         self._endpoints: dict[str, str] = {}
         self._train_procs: dict[str, TrainProcess] = {}
         self._last_watchdog = 0.0
+        # systemd hands NOTIFY_SOCKET to the process it started; read it once so that every
+        # message of this service goes to the socket it announced READY on, even if the
+        # environment changes later (several services in one process, as in the tests).
+        self._notify_env = {k: v for k, v in os.environ.items() if k == "NOTIFY_SOCKET"}
         self._camera: Any = None
         self.ws: Any = None
         self.exit_code = 0
@@ -248,7 +252,7 @@ class Service:
             self._model.name if self._model else "none",
         )
         # Requests that arrive before the control thread runs wait in the socket.
-        sd_notify("READY=1")
+        sd_notify("READY=1", self._notify_env)
         self._control_thread.start()
 
     def _open_driver(self) -> None:
@@ -379,7 +383,7 @@ class Service:
             if self._stopped.is_set() or self._closing.is_set():
                 return
             self._closing.set()
-        sd_notify("STOPPING=1")
+        sd_notify("STOPPING=1", self._notify_env)
         log.info("shutting down")
         with self._state_lock:
             self._state = State.STOPPING
@@ -543,7 +547,7 @@ class Service:
         now = time.monotonic()
         if now - self._last_watchdog >= 1.0:
             self._last_watchdog = now
-            sd_notify("WATCHDOG=1")
+            sd_notify("WATCHDOG=1", self._notify_env)
 
     # ================================================================ control loop
 

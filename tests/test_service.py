@@ -500,6 +500,27 @@ def test_curve_allow_list_and_systemd_notify(tmp_path, monkeypatch):
     assert svc.join(10)
 
 
+def test_systemd_notify_goes_to_the_socket_the_service_started_with(tmp_path, monkeypatch):
+    """A service started without NOTIFY_SOCKET never writes to one set later in the same
+    process (CI once saw another test's service feed its watchdog into this socket)."""
+    import socket
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    svc = Service(_config(tmp_path / "ws"))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(1.5)  # longer than the 1 s watchdog period
+    try:
+        svc.start()
+        monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
+        with pytest.raises(TimeoutError):
+            notify.recv(100)
+    finally:
+        svc.stop()
+        notify.close()
+    assert svc.join(10)
+
+
 # ======================================================================== subprocess
 
 
