@@ -115,7 +115,13 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
     try:
         f = h5py.File(path, "r")
     except OSError as e:
-        raise ValueError(f"{path} is not a readable HDF5 file: {e}") from e
+        # A recording still being written, or left by a crash (kill -9, power loss), keeps
+        # its "open for writing" mark and refuses a plain open; as a SWMR reader it opens,
+        # with everything the writer had flushed.
+        try:
+            f = h5py.File(path, "r", libver="latest", swmr=True)
+        except OSError:
+            raise ValueError(f"{path} is not a readable HDF5 file: {e}") from e
     with f:
         if dataset is not None:
             if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
