@@ -285,6 +285,15 @@ class LivePipeline:
     def frames_dropped(self) -> int:
         return self.frames_dropped_camera + self.queue.dropped
 
+    def counts(self) -> dict[str, int]:
+        """Frames so far: acquired, analysed, and dropped by reason (camera, analysis_behind)."""
+        return {
+            "acquired": self.frames_acquired,
+            "analysed": self.frames_analysed,
+            "camera": self.frames_dropped_camera,
+            "analysis_behind": self.queue.dropped,
+        }
+
     @property
     def running(self) -> bool:
         return any(t.is_alive() for t in self._threads)

@@ -533,10 +533,8 @@ class Service:
         c = dict(self._totals)
         p = self._pipeline
         if p is not None:
-            c["acquired"] += p.frames_acquired
-            c["analysed"] += p.frames_analysed
-            c["camera"] += p.frames_dropped_camera
-            c["analysis_behind"] += p.queue.dropped
+            for k, v in p.counts().items():
+                c[k] += v
         return c
 
     def _counters(self) -> tuple[int, int, int]:
@@ -914,11 +912,8 @@ class Service:
             return
         p.stop(timeout_s=timeout_s * 0.5)
         self._stop_recording(timeout_s=timeout_s * 0.5)
-        t = self._totals
-        t["acquired"] += p.frames_acquired
-        t["analysed"] += p.frames_analysed
-        t["camera"] += p.frames_dropped_camera
-        t["analysis_behind"] += p.queue.dropped
+        for k, v in p.counts().items():
+            self._totals[k] += v
         self._pipeline = None
 
     # called from the pipeline threads
