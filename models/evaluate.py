@@ -853,6 +853,10 @@ def markdown(report: Report) -> str:
     for k in ("path", "preset", "calibration_sha256", "calibration_source", "z_step_um"):
         if k in m:
             out.append(f"- {k}: `{m[k]}`")
+    passes = (m.get("decode") or {}).get("passes")
+    if passes is not None:
+        how = "the networks alone" if passes == 1 else "fit, subtract and search the residual"
+        out.append(f"- localizer passes: `{passes}` ({how})")
     out += [
         "",
         "## Set-up",

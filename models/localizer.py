@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from focaltrack.models.bundle import ModelBundle, load_bundle
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
+from focaltrack.models.psf_fit import PSFFit, PSFFitter
 from focaltrack.sim.calibration import Calibration
 from focaltrack.sim.synth import Preprocess
 
@@ -78,6 +79,20 @@ class DecodeSettings:
     min_peak_separation_bins: int = 3
     merge_px: float = 4.0
     merge_um: float = 4.0
+    # passes ≥ 2: fit the calibration PSF to what was found, subtract it, run the networks on
+    # the rest (passes − 1 times), then report every emitter at its fitted position. 2 by
+    # default (offline: `localize`, `evaluate`); the live service runs its own setting
+    # (`analysis.passes`, default 1), since a pass costs ~5x the networks on a CPU
+    passes: int = 2
+    residual_threshold: float = 0.3  # min score of an emitter found in a residual
+    # an emitter found in a residual this close to an earlier one (both) is the misfit's
+    # remainder, not a new emitter: a deep ring fitted 1 px off leaves a ring-shaped residue
+    residual_exclusion_px: float = 6.0
+    residual_exclusion_um: float = 10.0
+    residual_exclusion_frac: float = 0.08  # lateral reach per µm of defocus (see `_near`)
+    fit_sweeps: int = 2
+    search_px: int = 3  # final fit: whole-pixel search before Gauss–Newton (`PSFFitter.fit`)
+    residual_search_px: int = 0  # the fits whose residual is searched
 
     @classmethod
     def from_meta(cls, d: dict[str, Any] | None) -> DecodeSettings:
@@ -129,6 +144,7 @@ class Localizer:
         threads: int | None = None,
         pixel_size_um: float | None = None,
         force: bool = False,
+        passes: int | None = None,
     ) -> None:
         self.device = torch.device(device or default_device())
         if self.device.type == "cpu":
@@ -152,6 +168,10 @@ class Localizer:
         self.pixel_size_um: float = float(pixel_size_um or self.model_pixel_size_um)
         self.pre = Preprocess(**self.meta["preprocess"])
         self.decode = DecodeSettings.from_meta(self.meta.get("decode"))
+        if passes is not None:
+            if int(passes) < 1:
+                raise LocalizerError(f"passes must be ≥ 1, got {passes}")
+            self.decode = DecodeSettings(**{**_asdict(self.decode), "passes": int(passes)})
         self.lateral: LateralNet = bundle.lateral
         self.axial: AxialNet = bundle.axial
         cl = torch.channels_last
@@ -164,6 +184,7 @@ class Localizer:
         self._z = torch.as_tensor(self.z_um, dtype=torch.float32, device=self.device)
         synth = self.meta.get("training", {}).get("settings", {}).get("synth", {})
         self.offset_scale = float(synth.get("axial_label_radius_px", 1.0))
+        self._fitter: PSFFitter | None = None
 
     @classmethod
     def from_bundle(
@@ -174,11 +195,20 @@ class Localizer:
         threads: int | None = None,
         pixel_size_um: float | None = None,
         force: bool = False,
+        passes: int | None = None,
     ) -> Localizer:
         """Load a bundle. ``pixel_size_um``: the frames' pixel size, checked against the
-        model's (1 % tolerance) unless ``force``."""
+        model's (1 % tolerance) unless ``force``; ``passes``: overrides the bundle's (1: the
+        networks alone; ≥ 2: also fit, subtract and search the residual)."""
         bundle = load_bundle(Path(path), device="cpu")
-        return cls(bundle, device=device, threads=threads, pixel_size_um=pixel_size_um, force=force)
+        return cls(
+            bundle,
+            device=device,
+            threads=threads,
+            pixel_size_um=pixel_size_um,
+            force=force,
+            passes=passes,
+        )
 
     # ------------------------------------------------------------------ checks
     def check_frames(self, frames: np.ndarray) -> np.ndarray:
@@ -213,37 +243,131 @@ class Localizer:
 
     # -------------------------------------------------------------- inference
     def localize(
-        self, frame: np.ndarray, *, frame_index: int = 0, threshold: float | None = None
+        self,
+        frame: np.ndarray,
+        *,
+        frame_index: int = 0,
+        threshold: float | None = None,
+        passes: int | None = None,
     ) -> Localizations:
         """One (H, W) raw ADU frame → its localizations. ``threshold``: lateral detection
-        threshold (default: the bundle's, chosen on validation data)."""
+        threshold (default: the bundle's, chosen on validation data); ``passes``: see
+        `localize_batch`."""
         a = np.asarray(frame)
         if a.ndim != 2:
             raise LocalizerError(f"a frame must be a 2-D (H, W) image, got shape {a.shape}")
-        return self.localize_batch(a[None], first_index=frame_index, threshold=threshold)[0]
+        return self.localize_batch(
+            a[None], first_index=frame_index, threshold=threshold, passes=passes
+        )[0]
 
     def localize_batch(
-        self, frames: np.ndarray, *, first_index: int = 0, threshold: float | None = None
+        self,
+        frames: np.ndarray,
+        *,
+        first_index: int = 0,
+        threshold: float | None = None,
+        passes: int | None = None,
     ) -> list[Localizations]:
+        """(N, H, W) raw ADU frames → one `Localizations` per frame. ``passes``: 1 for the
+        networks alone, ≥ 2 to fit, subtract and search the residual (default: the
+        bundle's setting)."""
         a = self.check_frames(frames)
         settings = self.decode
+        over: dict[str, Any] = {}
         if threshold is not None:
-            settings = DecodeSettings(
-                **{**_asdict(settings), "lateral_threshold": float(threshold)}
-            )
+            over["lateral_threshold"] = float(threshold)
+        if passes is not None:
+            if int(passes) < 1:
+                raise LocalizerError(f"passes must be ≥ 1, got {passes}")
+            over["passes"] = int(passes)
+        if over:
+            settings = DecodeSettings(**{**_asdict(settings), **over})
         # only detections above the threshold go through the axial network
-        cands = self.candidates(a, min_p_lat=settings.lateral_threshold)
-        return [self.to_localizations(c, first_index + i, settings) for i, c in enumerate(cands)]
+        x = self._input(a)
+        cands = self._candidates(x, settings.lateral_threshold)
+        locs = [self.to_localizations(c, first_index + i, settings) for i, c in enumerate(cands)]
+        if settings.passes > 1:
+            locs = self._refine(a, locs, settings)
+        return locs
+
+    # ------------------------------------------------------------ residual passes
+    @property
+    def fitter(self) -> PSFFitter:
+        """The calibration-PSF fitter (built on first use: a 100-MB table)."""
+        if self._fitter is None:
+            self._fitter = PSFFitter(self.calibration, device=self.device)
+        return self._fitter
 
     @torch.inference_mode()
+    def _refine(
+        self, frames: np.ndarray, locs: list[Localizations], st: DecodeSettings
+    ) -> list[Localizations]:
+        """Fit what was found, subtract it, search the residual; repeat; report fitted
+        positions. Batched over frames for the networks, per frame for the fit."""
+        fitter = self.fitter
+        px = self.pixel_size_um
+        e = (
+            torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32, copy=False)).to(
+                self.device
+            )
+            - self.pre.offset_adu
+        ) * self.pre.gain_e_per_adu
+        xyz = [np.stack([lc.x_um / px, lc.y_um / px, lc.z_um], 1) for lc in locs]
+        score = [lc.score for lc in locs]
+        for _ in range(st.passes - 1):
+            residual = torch.stack(
+                [
+                    fitter.residual(
+                        e[i], self._fit(fitter, e[i], xyz[i], st, st.residual_search_px)
+                    )
+                    for i in range(len(e))
+                ]
+            )
+            cands = self._candidates(torch.asinh(residual / self.pre.s0_e), st.lateral_threshold)
+            found = 0
+            for i, c in enumerate(cands):
+                x2, y2, z2, s2 = decode_candidates(c, self._z, st)
+                new = s2 >= st.residual_threshold
+                if len(xyz[i]) and new.any():
+                    new &= ~_near(np.stack([x2, y2, z2], 1), xyz[i], st, px).any(1)
+                if new.any():
+                    xyz[i] = np.concatenate([xyz[i], np.stack([x2, y2, z2], 1)[new]])
+                    score[i] = np.concatenate([score[i], s2[new]])
+                    found += int(new.sum())
+            if not found:
+                break
+        out = []
+        for i, lc in enumerate(locs):
+            fit = self._fit(fitter, e[i], xyz[i], st, st.search_px)
+            x = fit.x_px.double().cpu().numpy()
+            y = fit.y_px.double().cpu().numpy()
+            z = fit.z_um.double().cpu().numpy()
+            out.append(Localizations(lc.frame, x * px, y * px, z, score[i]))
+        return out
+
+    @staticmethod
+    def _fit(
+        fitter: PSFFitter, e: torch.Tensor, xyz_px: np.ndarray, st: DecodeSettings, search: int
+    ) -> PSFFit:
+        p = torch.as_tensor(xyz_px, dtype=torch.float32, device=fitter.device).reshape(-1, 3)
+        return fitter.fit(e, p[:, 0], p[:, 1], p[:, 2], sweeps=st.fit_sweeps, search_px=search)
+
     def candidates(self, frames: np.ndarray, min_p_lat: float | None = None) -> list[Candidates]:
         """Network outputs for (N, H, W) checked frames: lateral peaks with probability
         ≥ ``min_p_lat`` (default: a low candidate threshold, for choosing thresholds) and
         their axial outputs."""
         thr = self.candidate_threshold if min_p_lat is None else min_p_lat
-        n, h, w = frames.shape
+        return self._candidates(self._input(frames), thr)
+
+    def _input(self, frames: np.ndarray) -> torch.Tensor:
+        """Raw ADU frames → the networks' input (N, H, W) on the device."""
         x = torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32, copy=False))
-        x = self.pre(x.to(self.device))
+        return self.pre(x.to(self.device))
+
+    @torch.inference_mode()
+    def _candidates(self, x: torch.Tensor, thr: float) -> list[Candidates]:
+        """Network outputs for preprocessed (N, H, W) input: lateral peaks ≥ ``thr``."""
+        n, h, w = x.shape
         s = self.stride
         mult = self.lateral.multiple
         ph, pw = (-h) % mult, (-w) % mult
@@ -373,6 +497,18 @@ def decode_candidates(
         z.double().cpu().numpy(),
         score.double().cpu().numpy(),
     )
+
+
+def _near(a: np.ndarray, b: np.ndarray, st: DecodeSettings, px_um: float) -> np.ndarray:
+    """(A, B) bool: residual finds ``a`` (x px, y px, z µm) too close to earlier ``b`` to be
+    new emitters. The lateral reach grows with defocus: a ring fitted slightly off leaves a
+    remainder that the networks see as an emitter a few µm away, and rings grow with |z|."""
+    dxy = np.hypot(a[:, None, 0] - b[None, :, 0], a[:, None, 1] - b[None, :, 1])
+    reach = np.maximum(
+        st.residual_exclusion_px, st.residual_exclusion_frac * np.abs(a[:, 2]) / px_um
+    )
+    dz = np.abs(a[:, None, 2] - b[None, :, 2])
+    return (dxy < reach[:, None]) & (dz < st.residual_exclusion_um)
 
 
 def _clone(net: torch.nn.Module) -> torch.nn.Module:

@@ -64,6 +64,32 @@ def test_localize_tiff_to_csv(trained, frames, tmp_path, capsys):
     assert np.all((ys > -1) & (ys < SHAPE[0] * PIXEL_UM + 1))
 
 
+def test_localize_with_residual_passes(trained, frames, tmp_path, capsys):
+    """--passes 2 runs the fit-subtract-search path from the CLI; --passes 0 is refused."""
+    _, model = trained
+    tif = tmp_path / "frames.tif"
+    tifffile.imwrite(tif, frames, photometric="minisblack")
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    assert (
+        main(["localize", "--model", str(model), str(tif), "--out", str(one), "--passes", "1"]) == 0
+    )
+    assert (
+        main(["localize", "--model", str(model), str(tif), "--out", str(two), "--passes", "2"]) == 0
+    )
+    a, b = _read_csv(one), _read_csv(two)
+    # the second pass only adds emitters; the fit moves each one by at most its search
+    # reach (8 px for the deepest) plus two Gauss–Newton steps: accuracy is test_cnn's job
+    assert len(b) >= len(a) >= 2
+    xa = np.array([[float(r["x_um"]), float(r["y_um"])] for r in a])
+    xb = np.array([[float(r["x_um"]), float(r["y_um"])] for r in b])
+    d = np.hypot(*(xa[:, None] - xb[None]).transpose(2, 0, 1)).min(1)
+    assert np.all(d < 7.0), d
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["localize", "--model", str(model), str(tif), "--out", str(two), "--passes", "0"])
+    assert "passes" in capsys.readouterr().err
+
+
 def test_localize_hdf5_to_h5(trained, frames, tmp_path):
     _, model = trained
     src = tmp_path / "rec.h5"

@@ -112,6 +112,13 @@ def register(sub: Any) -> None:
         help="background photons per pixel per frame (20)",
     )
     p.add_argument("--quick", action="store_true", help="a few frames per point (smoke test)")
+    p.add_argument(
+        "--passes",
+        type=positive_int,
+        default=None,
+        help="localizer passes (1: networks alone; 2+: fit, subtract, search the residual; "
+        "default: the model's setting)",
+    )
     p.add_argument("--device", default=None, help="torch device for the model (auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(func=run)
@@ -162,7 +169,11 @@ def _run(args: argparse.Namespace) -> int:
     # The frames' pixel size is the simulated microscope's: a model calibrated at another
     # pixel size is refused by the localizer (it was not calibrated on this microscope).
     loc = Localizer.from_bundle(
-        model_dir, device=args.device, threads=args.threads, pixel_size_um=mic.pixel_size_um
+        model_dir,
+        device=args.device,
+        threads=args.threads,
+        pixel_size_um=mic.pixel_size_um,
+        passes=args.passes,
     )
     info = model_info(loc, model_dir)
     z = np.asarray(loc.z_um, dtype=float)
@@ -207,6 +218,9 @@ def model_info(loc: Any, model_dir: Path) -> dict[str, Any]:
         for key in ("decode", "validation"):
             if isinstance(meta.get(key), dict):
                 info[key] = {k: v for k, v in meta[key].items() if _scalar(v)}
+    dec = getattr(loc, "decode", None)
+    if dec is not None and hasattr(dec, "__dataclass_fields__"):  # as applied (--passes)
+        info["decode"] = {k: getattr(dec, k) for k in dec.__dataclass_fields__}
     return info
 
 

@@ -57,6 +57,13 @@ def register(sub: Any) -> None:
         help="apply the model despite a pixel-size or bit-depth mismatch",
     )
     p.add_argument("--threshold", type=_unit_float, help="lateral detection threshold")
+    p.add_argument(
+        "--passes",
+        type=positive_int,
+        help="1: the networks alone; 2 or more: also fit the calibration PSF to what was found, "
+        "subtract it and search the rest again (finds emitters hidden by neighbours; slower). "
+        "Default: the model's setting",
+    )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA if available)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores, ≤ 8)")
     p.add_argument("--batch", type=positive_int, default=4, help="frames per batch (default 4)")
@@ -197,6 +204,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         pixel_size_um=args.pixel_size,
         force=args.force,
+        passes=args.passes,
     )
     frames = read_frames(args.frames, args.dataset)
     loc.check_frames(frames)  # all checks before any work
