@@ -791,7 +791,11 @@ class Service:
         try:
             meta = read_meta(path)
             loc = Localizer.from_bundle(
-                path, device=a.device or None, threads=a.threads or None, pixel_size_um=px
+                path,
+                device=a.device or None,
+                threads=a.threads or None,
+                pixel_size_um=px,
+                passes=a.passes,
             )
         except (LocalizerError, ValueError) as e:
             raise ProtocolError(ErrorCode.BAD_ARGS, f"model {name!r}: {e}") from e

@@ -381,6 +381,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "--device", default="", help="torch device (cpu, cuda, cuda:1); default: automatic"
     )
     p.add_argument("--threads", type=int, default=0, help="CPU threads for inference; 0 = auto")
+    p.add_argument(
+        "--passes",
+        type=int,
+        default=1,
+        help="localizer passes, as the service's analysis.passes (default 1: networks alone)",
+    )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write JSON")
     p.set_defaults(func=run)
 
@@ -421,6 +427,8 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--emitters must be 0..10000, got {args.emitters}")
     if args.threads < 0:
         raise ValueError(f"--threads must be ≥ 0, got {args.threads}")
+    if not 1 <= args.passes <= 4:
+        raise ValueError(f"--passes must be 1..4, got {args.passes}")
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: folder {args.json.parent} does not exist")
     model = find_model(args.model, args.workspace)
@@ -435,6 +443,7 @@ def run(args: argparse.Namespace) -> int:
         camera=args.camera,
         device=args.device,
         threads=args.threads,
+        passes=args.passes,
         stream=sys.stdout,
     )
     if args.json is not None:
@@ -470,6 +479,7 @@ def run_bench(
     camera: str = "replay",
     device: str = "",
     threads: int = 0,
+    passes: int = 1,
     stream: IO[str] = sys.stdout,
 ) -> dict[str, Any]:
     """Benchmark ``model`` at each frame size; prints a table and returns a report."""
@@ -489,7 +499,7 @@ def run_bench(
         f"{duration_s:g} s per size after {WARMUP_S:g} s warm-up"
     )
     say(f"  model {model} ({(meta.get('training') or {}).get('preset', '?')} preset)")
-    say(f"  inference on {dev_text}")
+    say(f"  inference on {dev_text}, {passes} localizer pass{'es' if passes > 1 else ''}")
     results: list[SizeResult] = []
     for size in sizes:
         say(f"  {size}×{size}: rendering {REPLAY_FRAMES} frames ...")
@@ -498,7 +508,7 @@ def run_bench(
         )
         render_ms = float(np.median(render_s) * 1000.0)
         say(f"  {size}×{size}: localizer alone ...")
-        loc_ms = _time_localizer(model, frames, device, threads, optics.pixel_size_um)
+        loc_ms = _time_localizer(model, frames, device, threads, optics.pixel_size_um, passes)
         say(f"  {size}×{size}: live pipeline for {duration_s:g} s ...")
         live = _live_run(
             model,
@@ -510,6 +520,7 @@ def run_bench(
             camera=camera,
             device=device,
             threads=threads,
+            passes=passes,
             pixel_size_um=optics.pixel_size_um,
         )
         results.append(
@@ -541,6 +552,7 @@ def run_bench(
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": str(model),
         "device": dev_text,
+        "localizer_passes": passes,
         "camera": camera,
         "fps_asked": fps,
         "emitters": n_emitters,
@@ -559,7 +571,12 @@ def _sayer(stream: IO[str]) -> Any:
 
 
 def _time_localizer(
-    model: Path, frames: np.ndarray, device: str, threads: int, pixel_size_um: float
+    model: Path,
+    frames: np.ndarray,
+    device: str,
+    threads: int,
+    pixel_size_um: float,
+    passes: int = 1,
 ) -> list[float]:
     """Milliseconds per frame of `Localizer.localize` alone (after a warm-up), as the service
     runs it: the model loaded on one thread, applied on another (the analysis thread).
@@ -568,7 +585,11 @@ def _time_localizer(
     from focaltrack.models.localizer import Localizer
 
     loc = Localizer.from_bundle(
-        model, device=device or None, threads=threads or None, pixel_size_um=pixel_size_um
+        model,
+        device=device or None,
+        threads=threads or None,
+        pixel_size_um=pixel_size_um,
+        passes=passes,
     )
     out: list[float] = []
     errors: list[BaseException] = []
@@ -614,6 +635,7 @@ def _live_run(
     device: str,
     threads: int,
     pixel_size_um: float,
+    passes: int = 1,
 ) -> dict[str, Any]:
     from focaltrack.daemon.client import ControlClient, Subscriber
     from focaltrack.daemon.config import load_config
@@ -641,6 +663,7 @@ def _live_run(
                 "workspace.dir": str(ws),
                 "analysis.device": device,
                 "analysis.threads": threads,
+                "analysis.passes": passes,
             },
         )
         if camera == "replay":
