@@ -2,7 +2,9 @@
 
 Pure parts first (ground-truth mapping, scoring with an edge margin, live-view statistics,
 the focus-lock controller in closed loop with a simulated stage); then one short end-to-end
-demo over the real sockets with a tiny training run and small frames.
+demo over the real sockets with a tiny training run and small frames; last, the focus-lock
+example steering the simulated focus drive through a service running a trained model
+(the session's `ci` bundle), judged against the simulator's ground truth.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -472,3 +475,84 @@ def test_demo_end_to_end_over_the_sockets(tmp_path):
     finally:
         svc.stop()
         svc.join(30.0)
+
+
+# ============================================================ focus lock against a trained model
+
+LOCK_PX = 160  # simulated camera, pixels
+LOCK_Z_ABS = (-20.5, -19.5)  # the emitter's depth, µm: defocus ≈ 20 µm with the focus at 0
+
+
+def _lock_scene_seed() -> tuple[int, np.ndarray]:
+    """A sim seed whose one emitter is well inside the frame and bright, and its position
+    (the service builds the same `Scene` from the same settings)."""
+    from focaltrack.sim.optics import Optics
+    from focaltrack.sim.scene import Scene
+
+    field = LOCK_PX * Optics().pixel_size_um
+    for seed in range(100):
+        scene = Scene(field_um=(field, field), z_range_um=LOCK_Z_ABS, n_emitters=1,
+                      motion="static", seed=seed)  # fmt: skip
+        xyz, photons = scene.positions_um[0], scene.photons[0]
+        if min(xyz[0], xyz[1], field - xyz[0], field - xyz[1]) > 30.0 and photons > 6000:
+            return seed, xyz
+    raise AssertionError("no seed gives a central, bright emitter")
+
+
+def test_focus_lock_holds_a_setpoint_through_a_trained_model(tmp_path, tmp_path_factory, capsys):
+    """The whole feedback loop, for real: the simulated microscope renders the emitter at
+    defocus focus − z_abs, a trained model (the session's `ci` bundle) localizes it live,
+    the tracker confirms it, and the focus-lock example steers the focus drive over the
+    control socket until the emitter sits at the setpoint defocus."""
+    from cnn_fixtures import trained_model
+
+    from focaltrack.daemon.config import load_config
+    from focaltrack.daemon.service import Service
+
+    _, bundle = trained_model(tmp_path_factory)
+    seed, xyz = _lock_scene_seed()
+    ws = tmp_path / "ws"
+    shutil.copytree(bundle, ws / "models" / "ci")
+    config = load_config(
+        None,
+        env={},
+        overrides={
+            "network.control_port": 0,
+            "network.pub_port": 0,
+            "network.metrics_port": 0,
+            "workspace.dir": str(ws),
+            "sim.width": LOCK_PX,
+            "sim.height": LOCK_PX,
+            "sim.n_emitters": 1,
+            "sim.motion": "static",
+            "sim.z_range_um": LOCK_Z_ABS,
+            "sim.seed": seed,
+        },
+    )
+    svc = Service(config)
+    svc.start()
+    try:
+        from focaltrack.daemon.client import ControlClient
+
+        ep = svc.endpoints
+        with ControlClient(ep["control"], timeout_s=30) as ctl:
+            assert ctl.call("load_model", name="ci") == {"model": "ci"}
+            focus0 = ctl.call("get_z")["z_um"]
+            setpoint = 40.0
+            assert abs((focus0 - xyz[2]) - setpoint) > 15  # starts ~20 µm off the setpoint
+            cfg = fl.FocusLockConfig(setpoint_um=setpoint, gain=0.5, max_rate_um_s=20.0)
+            rc = fl.run(ep["control"], ep["pub"], cfg, duration_s=12.0, start=True,
+                        stage_timeout_s=2.0)  # fmt: skip
+            assert rc == 0
+            focus = ctl.call("get_z")["z_um"]
+            ctl.call("stop")
+    finally:
+        svc.stop()
+        svc.join(30.0)
+    out = capsys.readouterr().out
+    moves = [int(line.rsplit("moves", 1)[1]) for line in out.splitlines() if "moves" in line]
+    assert moves and moves[-1] >= 2, out  # it steered, more than once
+    # The true defocus the loop left the emitter at: the setpoint, within the ci model's
+    # axial error (a few µm) and the dead band.
+    defocus = focus - xyz[2]
+    assert abs(defocus - setpoint) < 4.0, (defocus, out)
