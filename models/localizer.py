@@ -93,6 +93,9 @@ class DecodeSettings:
     fit_sweeps: int = 2
     search_px: int = 3  # final fit: whole-pixel search before Gauss–Newton (`PSFFitter.fit`)
     residual_search_px: int = 0  # the fits whose residual is searched
+    # passes ≥ 2: an emitter whose fitted amplitude is less than this many standard errors
+    # above zero is dropped (`PSFFitter.significance`): most false positives, few emitters
+    min_significance: float = 6.0
 
     @classmethod
     def from_meta(cls, d: dict[str, Any] | None) -> DecodeSettings:
@@ -339,6 +342,14 @@ class Localizer:
         out = []
         for i, lc in enumerate(locs):
             fit = self._fit(fitter, e[i], xyz[i], st, st.search_px)
+            if st.min_significance > 0 and len(xyz[i]):
+                # drop what the fit cannot tell from noise (see `PSFFitter.significance`),
+                # then fit the rest again without it
+                sig = fitter.significance(fit, self.pre.read_noise_e).cpu().numpy()
+                keep = sig >= st.min_significance
+                if not keep.all():
+                    xyz[i], score[i] = xyz[i][keep], score[i][keep]
+                    fit = self._fit(fitter, e[i], xyz[i], st, st.search_px)
             x = fit.x_px.double().cpu().numpy()
             y = fit.y_px.double().cpu().numpy()
             z = fit.z_um.double().cpu().numpy()

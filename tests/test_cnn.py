@@ -7,6 +7,7 @@ synthesizer. Tolerances are set from measurements over several seeds (docs/model
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 
@@ -107,11 +108,40 @@ def test_residual_passes_find_emitters_the_first_pass_missed(loc):
     b = loc.localize_batch(np.stack(frames), passes=2)
     one = combine([match(p.xyz_um, t, 10.0) for p, t in zip(a, truths, strict=True)])
     two = combine([match(p.xyz_um, t, 10.0) for p, t in zip(b, truths, strict=True)])
-    assert sum(map(len, b)) > sum(map(len, a))
     assert two.tp > one.tp, (one.summary(), two.summary())
     assert two.jaccard > one.jaccard, (one.summary(), two.summary())
     with pytest.raises(LocalizerError, match="passes"):
         loc.localize(frames[0], passes=0)
+
+
+def test_significance_cut_drops_only_what_the_fit_cannot_tell_from_noise(loc):
+    """The last step of passes ≥ 2 (`DecodeSettings.min_significance`): with no cut every
+    fitted emitter is reported; with the default cut the bright emitters stay and nothing
+    new appears; a cut above any emitter's significance leaves nothing."""
+    rng = np.random.default_rng(78)
+    photons = photons_for_peak_snr(15.0, 20.0)
+    frames, truths = [], []
+    for _ in range(4):
+        xyz = random_scene(rng, 10, SHAPE, margin_px=20)
+        frames.append(render_frame(SHAPE, xyz, photons * rng.uniform(0.1, 1.0, 10), rng))
+        truths.append(xyz)
+    default = loc.decode
+    assert default.min_significance > 0
+    try:
+        loc.decode = dataclasses.replace(default, min_significance=0.0)
+        none_cut = loc.localize_batch(np.stack(frames), passes=2)
+        loc.decode = dataclasses.replace(default, min_significance=1e9)
+        all_cut = loc.localize_batch(np.stack(frames), passes=2)
+    finally:
+        loc.decode = default
+    cut = loc.localize_batch(np.stack(frames), passes=2)
+    assert all(len(c) == 0 for c in all_cut)
+    assert sum(map(len, cut)) <= sum(map(len, none_cut))
+    a = combine([match(p.xyz_um, t, 10.0) for p, t in zip(none_cut, truths, strict=True)])
+    b = combine([match(p.xyz_um, t, 10.0) for p, t in zip(cut, truths, strict=True)])
+    assert b.tp >= a.tp - 1, (a.summary(), b.summary())  # real emitters are kept
+    assert b.fp <= a.fp, (a.summary(), b.summary())
+    assert b.jaccard >= a.jaccard - 0.02, (a.summary(), b.summary())
 
 
 def test_empty_frame_gives_no_localizations(loc):

@@ -124,3 +124,29 @@ def test_search_reaches_a_deep_ring_that_gauss_newton_alone_cannot(fitter):
     err_p = _xyz_um(plain)[0] - truth[0]
     assert np.hypot(err_s[0], err_s[1]) < 0.3 and abs(err_s[2]) < 1.0, err_s
     assert np.hypot(err_p[0], err_p[1]) > np.hypot(err_s[0], err_s[1]), (err_p, err_s)
+
+
+def test_significance_is_high_for_an_emitter_and_noise_like_for_empty_starts(fitter):
+    """An emitter of a few thousand photons stands well above nothing; starts on empty
+    background get amplitudes of pure noise: significance ~ |N(0, 1)| where positive."""
+    rng = np.random.default_rng(9)
+    truth = np.array([[40.0, 40.0, 40.0]])
+    frame = render_frame(SHAPE, truth, np.array([3000.0]), rng)
+    gx, gy = np.meshgrid([100.0, 120.0, 140.0], np.arange(10.0, 151.0, 20.0))
+    empty = np.column_stack([gx.ravel() * PIXEL_UM, gy.ravel() * PIXEL_UM, np.full(gx.size, 10.0)])
+    start = np.concatenate([truth, empty])
+    p = torch.as_tensor(start / [PIXEL_UM, PIXEL_UM, 1.0], dtype=torch.float32)
+    # amplitudes only (no search, no Gauss–Newton): the statistic's own distribution
+    fit = fitter.fit(_electrons(frame), p[:, 0], p[:, 1], p[:, 2], sweeps=0, search_px=0)
+    sig = fitter.significance(fit, CAMERA.read_noise_e).numpy()
+    assert sig[0] > 10, sig[0]
+    noise = sig[1:]
+    assert np.all(noise >= 0) and noise.max() < 5.0, noise
+    assert 0.15 < float(np.mean(noise**2)) < 1.5, noise  # E = 1/2 for a half-normal-or-zero
+    # brighter emitter, larger significance: ~ √photons once its own shot noise dominates
+    frame4 = render_frame(SHAPE, truth, np.array([12000.0]), rng)
+    fit4 = fitter.fit(_electrons(frame4), p[:1, 0], p[:1, 1], p[:1, 2], sweeps=0, search_px=0)
+    sig4 = float(fitter.significance(fit4, CAMERA.read_noise_e)[0])
+    assert 1.5 < sig4 / sig[0] < 4.5, (sig4, sig[0])
+    none = fitter.fit(_electrons(frame), *(torch.zeros(0) for _ in range(3)))
+    assert len(fitter.significance(none, CAMERA.read_noise_e)) == 0
