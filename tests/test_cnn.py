@@ -94,16 +94,24 @@ def test_residual_passes_refine_isolated_emitters_without_duplicating_them(loc):
     assert two.rmse_axial_um < min(0.58, one.rmse_axial_um), (one.summary(), two.summary())
 
 
+def _crowded_frames(
+    seed: int, n_frames: int, n: int, *, snr_db: float, intensity: tuple[float, float]
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Frames of ``n`` emitters each (sim physics), intensities uniform in ``intensity``."""
+    rng = np.random.default_rng(seed)
+    photons = photons_for_peak_snr(snr_db, 20.0)
+    frames, truths = [], []
+    for _ in range(n_frames):
+        xyz = random_scene(rng, n, SHAPE, margin_px=20)
+        frames.append(render_frame(SHAPE, xyz, photons * rng.uniform(*intensity, n), rng))
+        truths.append(xyz)
+    return frames, truths
+
+
 def test_residual_passes_find_emitters_the_first_pass_missed(loc):
     """Crowded frames: emitters hidden under brighter neighbours' light are found once the
     neighbours are fitted and subtracted; what the first pass found is kept."""
-    rng = np.random.default_rng(77)
-    photons = photons_for_peak_snr(25.0, 20.0)
-    frames, truths = [], []
-    for _ in range(6):
-        xyz = random_scene(rng, 14, SHAPE, margin_px=20)
-        frames.append(render_frame(SHAPE, xyz, photons * rng.uniform(0.3, 1.0, 14), rng))
-        truths.append(xyz)
+    frames, truths = _crowded_frames(77, 6, 14, snr_db=25.0, intensity=(0.3, 1.0))
     a = loc.localize_batch(np.stack(frames), passes=1)
     b = loc.localize_batch(np.stack(frames), passes=2)
     one = combine([match(p.xyz_um, t, 10.0) for p, t in zip(a, truths, strict=True)])
@@ -118,13 +126,7 @@ def test_significance_cut_drops_only_what_the_fit_cannot_tell_from_noise(loc):
     """The last step of passes ≥ 2 (`DecodeSettings.min_significance`): with no cut every
     fitted emitter is reported; with the default cut the bright emitters stay and nothing
     new appears; a cut above any emitter's significance leaves nothing."""
-    rng = np.random.default_rng(78)
-    photons = photons_for_peak_snr(15.0, 20.0)
-    frames, truths = [], []
-    for _ in range(4):
-        xyz = random_scene(rng, 10, SHAPE, margin_px=20)
-        frames.append(render_frame(SHAPE, xyz, photons * rng.uniform(0.1, 1.0, 10), rng))
-        truths.append(xyz)
+    frames, truths = _crowded_frames(78, 4, 10, snr_db=15.0, intensity=(0.1, 1.0))
     default = loc.decode
     assert default.min_significance > 0
     try:
