@@ -7,9 +7,12 @@ synthesizer. Tolerances are set from measurements over several seeds (docs/model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -94,6 +97,17 @@ def test_residual_passes_refine_isolated_emitters_without_duplicating_them(loc):
     assert two.rmse_axial_um < min(0.58, one.rmse_axial_um), (one.summary(), two.summary())
 
 
+@contextlib.contextmanager
+def _decode(loc: Localizer, **settings: Any) -> Iterator[None]:
+    """The module's shared localizer with some decode settings changed, for a block."""
+    default = loc.decode
+    loc.decode = dataclasses.replace(default, **settings)
+    try:
+        yield
+    finally:
+        loc.decode = default
+
+
 def _crowded_frames(
     seed: int, n_frames: int, n: int, *, snr_db: float, intensity: tuple[float, float]
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -127,15 +141,11 @@ def test_significance_cut_drops_only_what_the_fit_cannot_tell_from_noise(loc):
     fitted emitter is reported; with the default cut the bright emitters stay and nothing
     new appears; a cut above any emitter's significance leaves nothing."""
     frames, truths = _crowded_frames(78, 4, 10, snr_db=15.0, intensity=(0.1, 1.0))
-    default = loc.decode
-    assert default.min_significance > 0
-    try:
-        loc.decode = dataclasses.replace(default, min_significance=0.0)
+    assert loc.decode.min_significance > 0
+    with _decode(loc, min_significance=0.0):
         none_cut = loc.localize_batch(np.stack(frames), passes=2)
-        loc.decode = dataclasses.replace(default, min_significance=1e9)
+    with _decode(loc, min_significance=1e9):
         all_cut = loc.localize_batch(np.stack(frames), passes=2)
-    finally:
-        loc.decode = default
     cut = loc.localize_batch(np.stack(frames), passes=2)
     assert all(len(c) == 0 for c in all_cut)
     assert sum(map(len, cut)) <= sum(map(len, none_cut))

@@ -505,30 +505,17 @@ def test_focus_lock_holds_a_setpoint_through_a_trained_model(tmp_path, tmp_path_
     the tracker confirms it, and the focus-lock example steers the focus drive over the
     control socket until the emitter sits at the setpoint defocus."""
     from cnn_fixtures import trained_model
+    from service_config import loopback_config
 
-    from focaltrack.daemon.config import load_config
     from focaltrack.daemon.service import Service
 
     _, bundle = trained_model(tmp_path_factory)
     seed, xyz = _lock_scene_seed()
     ws = tmp_path / "ws"
     shutil.copytree(bundle, ws / "models" / "ci")
-    config = load_config(
-        None,
-        env={},
-        overrides={
-            "network.control_port": 0,
-            "network.pub_port": 0,
-            "network.metrics_port": 0,
-            "workspace.dir": str(ws),
-            "sim.width": LOCK_PX,
-            "sim.height": LOCK_PX,
-            "sim.n_emitters": 1,
-            "sim.motion": "static",
-            "sim.z_range_um": LOCK_Z_ABS,
-            "sim.seed": seed,
-        },
-    )
+    sim = {"width": LOCK_PX, "height": LOCK_PX, "n_emitters": 1, "motion": "static",
+           "z_range_um": LOCK_Z_ABS, "seed": seed}  # fmt: skip
+    config = loopback_config(ws, **{f"sim.{k}": v for k, v in sim.items()})
     svc = Service(config)
     svc.start()
     try:

@@ -34,10 +34,11 @@ import numpy as np
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from service_config import loopback_config
 
 from focaltrack.daemon import protocol
 from focaltrack.daemon.client import ControlClient, ControlError, Subscriber
-from focaltrack.daemon.config import ConfigError, load_config
+from focaltrack.daemon.config import ConfigError
 from focaltrack.daemon.service import Service
 
 SIM_PX = 160
@@ -55,17 +56,8 @@ TINY_TRAINING = {
 
 
 def _config(ws: Path, **extra: Any):
-    overrides = {
-        "network.control_port": 0,
-        "network.pub_port": 0,
-        "network.metrics_port": 0,
-        "workspace.dir": str(ws),
-        "sim.width": SIM_PX,
-        "sim.height": SIM_PX,
-        "sim.n_emitters": 4,
-        **extra,
-    }
-    return load_config(None, env={}, overrides=overrides)
+    sim = {"sim.width": SIM_PX, "sim.height": SIM_PX, "sim.n_emitters": 4}
+    return loopback_config(ws, **{**sim, **extra})
 
 
 def _wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
