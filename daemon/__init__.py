@@ -1,3 +1,5 @@
 """The service and the command-line interface."""
 
-__version__ = "0.1.0"
+from focaltrack.common.version import __version__
+
+__all__ = ["__version__"]

@@ -49,6 +49,7 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from focaltrack.common.version import __version__
 from focaltrack.models.metrics import MatchResult, combine, match
 from focaltrack.sim.optics import SIM_ABERRATIONS, CameraModel, Optics
 
@@ -697,12 +698,7 @@ def _dc(obj: Any) -> dict[str, Any]:
 
 
 def _version() -> str:
-    try:
-        from focaltrack.daemon import __version__
-
-        return __version__
-    except ImportError:  # pragma: no cover
-        return "unknown"
+    return __version__
 
 
 def abs_error_quantiles(point: PointResult, key: str) -> dict[str, float]:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from focaltrack.common.version import __version__
 from focaltrack.models.bundle import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, ModelBundle, save_bundle
 from focaltrack.models.localizer import Candidates, DecodeSettings, Localizer, decode_candidates
 from focaltrack.models.metrics import combine, match
@@ -559,8 +560,6 @@ def _finite_or_none(v: float) -> float | None:
 
 
 def _versions() -> dict[str, str]:
-    from focaltrack.daemon import __version__
-
     return {
         "focaltrack": __version__,
         "torch": torch.__version__,

@@ -65,6 +65,8 @@ from pathlib import Path
 
 import numpy as np
 
+from focaltrack.common.version import __version__
+
 SCHEMA_VERSION = 1
 
 
@@ -176,8 +178,6 @@ class Calibration:
                 a["background_adu"] = float(self.background_adu)
                 a["created_utc"] = self.created_utc
                 a["sha256"] = self.sha256
-                from focaltrack.daemon import __version__
-
                 a["focaltrack_version"] = __version__
                 for k, v in self.extra.items():
                     a[f"extra_{k}"] = v  # type: ignore[assignment]

@@ -1,0 +1,1 @@
+"""Measured calibration data: the file format, import, bead finding, the noise model."""

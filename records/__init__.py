@@ -1,0 +1,1 @@
+"""Records: frame metadata, localizations and tracks, defined once."""
