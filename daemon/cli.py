@@ -5,8 +5,9 @@ Each verb lives in its own module under ``focaltrack.daemon.commands`` and expos
 parsed namespace and returning an exit code. Verbs are discovered, so adding one is adding
 a module.
 
-Errors a user can act on (bad files, bad values, hardware faults) are printed as one line
-naming the problem, exit status 2; ``--debug`` shows the traceback instead.
+Errors a user can act on (every ``FocaltrackError``: bad files, bad values, hardware faults;
+and the OS's file errors) are printed as one line naming the problem, exit status 2;
+``--debug`` shows the traceback instead.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.daemon import __version__
-from focaltrack.drivers.base import DriverError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("focaltrack: interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, DriverError) as e:
+    except (FocaltrackError, ValueError, OSError) as e:
         if args.debug:
             raise
         print(f"focaltrack {args.command}: error: {e}", file=sys.stderr)

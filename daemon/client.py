@@ -35,12 +35,13 @@ from typing import Any
 
 import zmq
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.daemon.protocol import COMMANDS, Topic, decode_message, make_request
 
 Message = tuple[str, dict[str, Any], bytes | None]
 
 
-class ControlError(Exception):
+class ControlError(FocaltrackError):
     """The service answered ``ok: false``."""
 
     def __init__(self, code: str, message: str) -> None:

@@ -33,10 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from focaltrack.common.errors import FocaltrackError
+
 ENV_PREFIX = "FOCALTRACK_"
 
 
-class ConfigError(ValueError):
+class ConfigError(FocaltrackError, ValueError):
     """A setting is unknown, of the wrong type, out of range, or unsafe."""
 
 

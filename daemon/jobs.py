@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.daemon.protocol import JobKind, JobState, job_info
 
 log = logging.getLogger(__name__)
@@ -38,7 +39,7 @@ __all__ = ["Job", "JobCancelled", "JobTable", "TrainProcess", "TrainRequest"]
 MAX_JOBS_KEPT = 50
 
 
-class JobCancelled(Exception):
+class JobCancelled(FocaltrackError):
     """Raised inside a job's work when it was cancelled."""
 
 

@@ -29,6 +29,8 @@ from enum import Enum
 from importlib import resources
 from typing import Any
 
+from focaltrack.common.errors import FocaltrackError
+
 SCHEMA_VERSION = 1
 #: Longest request id echoed back (characters).
 MAX_ID_LENGTH = 128
@@ -93,7 +95,7 @@ class JobState(str, Enum):
         return self in (JobState.DONE, JobState.FAILED, JobState.CANCELLED)
 
 
-class ProtocolError(Exception):
+class ProtocolError(FocaltrackError):
     """A request the service answers with ``{"ok": false, "error": {code, message}}``."""
 
     def __init__(self, code: ErrorCode | str, message: str) -> None:
@@ -1030,7 +1032,7 @@ def _validator(name: str) -> Any:
     return jsonschema.Draft202012Validator(schema)
 
 
-class SchemaError(ValueError):
+class SchemaError(FocaltrackError, ValueError):
     """A message or reply does not satisfy its schema."""
 
 

@@ -43,6 +43,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.common.errors import FocaltrackError
+
 if TYPE_CHECKING:
     from focaltrack.drivers.base import Frame
 
@@ -94,7 +96,7 @@ _TABLE_CHUNK = 4096
 _MAX_PENDING_FRAMES = 32
 
 
-class RecorderError(RuntimeError):
+class RecorderError(FocaltrackError, RuntimeError):
     """The recording could not be created or written (the message names the file)."""
 
 

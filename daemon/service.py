@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.daemon import __version__
 from focaltrack.daemon.config import ConfigError, ServiceConfig, check_exposure, workspace_dir
 from focaltrack.daemon.jobs import Job, JobTable, TrainProcess, TrainRequest
@@ -94,7 +95,7 @@ HEARTBEAT_S = 1.0
 ENDPOINTS_FILE = "endpoints.json"
 
 
-class ServiceError(RuntimeError):
+class ServiceError(FocaltrackError, RuntimeError):
     """The service could not start (the message says why)."""
 
 

@@ -28,13 +28,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from focaltrack.common.errors import FocaltrackError
+
 log = logging.getLogger("focaltrack.workspace")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 STATE_FILE = "state.json"
 
 
-class WorkspaceError(ValueError):
+class WorkspaceError(FocaltrackError, ValueError):
     """A bad name or an unusable workspace folder."""
 
 

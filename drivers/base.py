@@ -11,11 +11,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from focaltrack.common.errors import FocaltrackError
+
 if TYPE_CHECKING:
     import numpy as np
 
 
-class DriverError(RuntimeError):
+class DriverError(FocaltrackError, RuntimeError):
     """A hardware fault the caller can report: a stage timeout, a camera that stopped."""
 
 

@@ -35,6 +35,7 @@ from typing import Any
 
 import torch
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
 from focaltrack.sim.calibration import Calibration, CalibrationError
 
@@ -46,7 +47,7 @@ FILES = ("bundle.json", "lateral.pt", "axial.pt", "calibration.h5")
 MARKER = "COMPLETE"
 
 
-class BundleError(ValueError):
+class BundleError(FocaltrackError, ValueError):
     """A model bundle that cannot be written or read: the message names the problem."""
 
 

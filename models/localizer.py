@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.bundle import ModelBundle, load_bundle
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.psf_fit import PSFFit, PSFFitter
@@ -45,7 +46,7 @@ from focaltrack.sim.synth import Preprocess
 PIXEL_SIZE_TOLERANCE = 0.01  # relative
 
 
-class LocalizerError(ValueError):
+class LocalizerError(FocaltrackError, ValueError):
     """Frames or settings the model cannot be applied to: the message says why."""
 
 

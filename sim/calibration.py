@@ -65,12 +65,13 @@ from pathlib import Path
 
 import numpy as np
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.common.version import __version__
 
 SCHEMA_VERSION = 1
 
 
-class CalibrationError(ValueError):
+class CalibrationError(FocaltrackError, ValueError):
     """A calibration that cannot be made or read: the message names the problem."""
 
 

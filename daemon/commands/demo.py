@@ -53,6 +53,8 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.common.errors import FocaltrackError
+
 if TYPE_CHECKING:
     from focaltrack.daemon.client import ControlClient, Subscriber
     from focaltrack.drivers.simcore import SimFrameTruth
@@ -70,7 +72,7 @@ FLOW_UM_S = 75.0
 PRESETS = ("quick", "default")
 
 
-class DemoError(RuntimeError):
+class DemoError(FocaltrackError, RuntimeError):
     """A step of the demo failed (a job failed or was cancelled); the message says which."""
 
 
