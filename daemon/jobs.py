@@ -195,7 +195,7 @@ def _train_child(req: TrainRequest, q: Any) -> None:  # pragma: no cover - runs 
     sys.stderr = _ProgressStream(q)  # type: ignore[assignment]
     try:
         from focaltrack.models.train import train
-        from focaltrack.sim.calibration import Calibration
+        from focaltrack.calibration import Calibration
 
         cal = Calibration.load(req.calibration_path)
 

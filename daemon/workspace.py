@@ -2,7 +2,7 @@
 
 Layout under the root (``workspace.dir``, or the per-user data folder)::
 
-    calibrations/<name>.h5      calibration files (focaltrack.sim.calibration.Calibration)
+    calibrations/<name>.h5      calibration files (focaltrack.calibration.Calibration)
     models/<name>/              model bundles (focaltrack.models.bundle)
     recordings/<name>.h5        recordings
     state.json                  {"calibration": name|null, "model": name|null}

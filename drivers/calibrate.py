@@ -15,7 +15,7 @@ variance over ~10⁴ background pixels to pin the read noise to a percent, and 5
 at 100 ms is still a ~30 s acquisition during which the bead barely drifts.
 
 The focal-stack processing (bead finding, background, re-centring, photometry, noise
-model) is `focaltrack.sim.calibration.process_stack`; `calibrate` does both.
+model) is `focaltrack.calibration.process_stack`; `calibrate` does both.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ import numpy as np
 from focaltrack.drivers.base import CameraInfo, Driver, DriverError, StageTimeoutError
 
 if TYPE_CHECKING:
-    from focaltrack.sim.calibration import Calibration
+    from focaltrack.calibration import Calibration
 
 __all__ = [
     "AcquisitionCancelled",
@@ -241,7 +241,7 @@ def calibration_from_raw(
     source: str | None = None,
 ) -> Calibration:
     """`process_stack` on an acquired `RawStack`, recording how it was acquired."""
-    from focaltrack.sim.calibration import process_stack
+    from focaltrack.calibration import process_stack
 
     px = float(pixel_size_um) if pixel_size_um is not None else raw.camera.pixel_size_um
     dev = float(np.max(np.abs(raw.z_readback_um - raw.z_um)))

@@ -13,7 +13,7 @@ A bundle is a directory::
 ``calibration`` (``sha256`` of the calibration content, ``source``, ``file`` name),
 ``pixel_size_um``, ``z_um`` (the calibration z grid = the axial network's bins),
 ``bit_depth``, ``noise`` (offset, read noise, gain), ``preprocess`` (the constants of
-`focaltrack.sim.synth.Preprocess`), ``lateral`` / ``axial`` (architecture configs),
+`focaltrack.calibration.preprocess.Preprocess`), ``lateral`` / ``axial`` (architecture configs),
 ``decode`` (thresholds and merge radii chosen on validation data), ``training`` (preset
 name, all settings, seed, device, durations, synthesizer throughput), ``validation``
 (metrics on held-out synthetic frames), ``versions`` (focaltrack, torch, numpy, python).
@@ -37,7 +37,7 @@ import torch
 
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
-from focaltrack.sim.calibration import Calibration, CalibrationError
+from focaltrack.calibration import Calibration, CalibrationError
 
 BUNDLE_SCHEMA_VERSION = 2
 #: 1: axial network without per-bin lateral offsets (still read and applied as trained)

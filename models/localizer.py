@@ -40,8 +40,8 @@ from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.bundle import ModelBundle, load_bundle
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.psf_fit import PSFFit, PSFFitter
-from focaltrack.sim.calibration import Calibration
-from focaltrack.sim.synth import Preprocess
+from focaltrack.calibration import Calibration
+from focaltrack.calibration.preprocess import Preprocess
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from focaltrack.sim.calibration import Calibration
+from focaltrack.calibration import Calibration
 from focaltrack.sim.synth import PSFTable
 
 MAX_STEP_PX = 1.0  # a Gauss–Newton step larger than this is clipped (the linear model's reach)

@@ -35,7 +35,7 @@ from focaltrack.models.bundle import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, ModelBu
 from focaltrack.models.localizer import Candidates, DecodeSettings, Localizer, decode_candidates
 from focaltrack.models.metrics import combine, match
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
-from focaltrack.sim.calibration import Calibration
+from focaltrack.calibration import Calibration
 from focaltrack.sim.synth import SynthConfig, Synthesizer
 
 VALIDATION_TOLERANCE_UM = 10.0  # seed 002's matching radius

@@ -13,7 +13,7 @@ and ``ρ = s / NA``::
 
 **Defocus.** ``d`` (µm, sample space) is the axial distance between the emitter and the focal
 plane *inside the sample*: ``d = focus − z`` in the project's convention (COMMON.md and
-`focaltrack.sim.calibration`: an emitter at absolute ``z`` seen with the focus at ``f`` has
+`focaltrack.calibration.format`: an emitter at absolute ``z`` seen with the focus at ``f`` has
 defocus ``f − z``). The focus drive is expressed in sample-space micrometres (the focal-shift
 factor of the air → water interface is folded into the drive's calibration), so a drive step of
 ``δ`` moves the focal plane by ``δ`` in the sample. The defocus term is the exact Debye

@@ -24,15 +24,8 @@ How an image is made (the method of seed 002, with continuous z):
    Gaussian read noise, gain and offset from the calibration's `NoiseModel` (gain NaN →
    1 e⁻/ADU), rounding and clipping to the calibration's bit depth: a raw ADU image,
    exactly what a camera gives.
-4. **Preprocessing**: `preprocess` — the same function the localizer applies to real
-   frames — maps ADU to network input.
-
-`preprocess`: ``y = asinh(e / s0)`` with ``e = (ADU − offset) · gain`` electrons and
-``s0 = max(2 σ_r, 1 e⁻)``. It is a fixed, pixel-wise function of the calibration's noise
-model, so a 128-px training window and a 2048-px live frame are normalised identically
-(no per-image statistics, which would differ between a window and a frame). Noise-level
-signals stay linear; bright ones are log-compressed, so one network spans the whole
-brightness and SNR range it was trained on.
+4. **Preprocessing**: `focaltrack.calibration.preprocess.Preprocess` — the same function
+   the localizer applies to real frames — maps ADU to network input.
 """
 
 from __future__ import annotations
@@ -45,9 +38,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from focaltrack.sim.calibration import Calibration, NoiseModel
+from focaltrack.calibration.format import Calibration
+from focaltrack.calibration.preprocess import Preprocess
 
-DEFAULT_GAIN_E_PER_ADU = 1.0  # used when the calibration could not estimate the gain
 UM_PER_DENSITY_AREA = 100.0  # densities are per (100 µm)² of sample
 
 
@@ -75,35 +68,6 @@ class SynthConfig:
 
     def to_dict(self) -> dict[str, object]:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-
-@dataclass(frozen=True, slots=True)
-class Preprocess:
-    """Raw ADU → network input; constants from the calibration's noise model."""
-
-    offset_adu: float
-    gain_e_per_adu: float
-    s0_e: float
-
-    @classmethod
-    def from_noise(cls, noise: NoiseModel) -> Preprocess:
-        gain = noise.gain_e_per_adu
-        if not (math.isfinite(gain) and gain > 0):
-            gain = DEFAULT_GAIN_E_PER_ADU
-        read_e = noise.read_noise_adu * gain if math.isfinite(noise.read_noise_adu) else 1.0
-        return cls(float(noise.offset_adu), float(gain), float(max(2.0 * read_e, 1.0)))
-
-    @property
-    def read_noise_e(self) -> float:
-        return self.s0_e / 2.0
-
-    def __call__(self, adu: torch.Tensor) -> torch.Tensor:
-        e = (adu.to(torch.float32) - self.offset_adu) * self.gain_e_per_adu
-        return torch.asinh(e / self.s0_e)
-
-
-def preprocess(adu: torch.Tensor, noise: NoiseModel) -> torch.Tensor:
-    return Preprocess.from_noise(noise)(adu)
 
 
 class PSFTable:

@@ -2,7 +2,7 @@
 
 The calibration is what `focaltrack calibrate` would produce on the simulated microscope,
 built directly (fast): the sim's PSF model with its aberrations, slices 0–100 µm every
-2 µm, cropped to 128 × 128 and normalised as `focaltrack.sim.calibration` says, with the
+2 µm, cropped to 128 × 128 and normalised as `focaltrack.calibration.format` says, with the
 sim camera's noise model. Frames for accuracy tests are rendered by the sim physics
 (`PSFModel.render` at continuous positions + `camera.expose`), never by the training
 synthesizer: the split a lab has.
@@ -15,7 +15,7 @@ import math
 import numpy as np
 
 from focaltrack.sim import camera as sim_camera
-from focaltrack.sim.calibration import Calibration, NoiseModel
+from focaltrack.calibration import Calibration, NoiseModel
 from focaltrack.sim.optics import SIM_ABERRATIONS, CameraModel, Optics
 from focaltrack.sim.psf import PSFModel
 

@@ -12,14 +12,14 @@ import pytest
 import tifffile
 from calib_synth import synth_stack
 
-from focaltrack.sim.calibration import (
+from focaltrack.calibration import (
     Calibration,
     CalibrationError,
-    find_bead,
     load_stack_file,
     process_stack,
     summary,
 )
+from focaltrack.calibration.beads import find_bead
 
 
 def _centroid(img: np.ndarray) -> tuple[float, float]:

@@ -14,7 +14,7 @@ import tifffile
 from calib_synth import synth_stack
 
 from focaltrack.daemon.cli import main
-from focaltrack.sim.calibration import Calibration
+from focaltrack.calibration import Calibration
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A quick simulated acquisition: 11 slices, small frames, no waiting.

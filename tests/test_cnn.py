@@ -32,7 +32,7 @@ from focaltrack.models.localizer import Localizations, Localizer, LocalizerError
 from focaltrack.models.metrics import combine, match
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.train import PRESETS, ProgressBar, train
-from focaltrack.sim.calibration import Calibration
+from focaltrack.calibration import Calibration
 
 # What the CI-sized model ("ci" preset: ~1 min on 2 free CPU cores, trained for sparse bright
 # emitters) reliably reaches on isolated bright emitters (20 dB, intensity 1): measured over

@@ -338,7 +338,7 @@ def untrained_bundle(tmp_path_factory):
 
     from focaltrack.models.bundle import save_bundle
     from focaltrack.models.nets import AxialConfig, AxialNet, LateralNet
-    from focaltrack.sim.synth import Preprocess
+    from focaltrack.calibration.preprocess import Preprocess
 
     cal = make_calibration()
     torch.manual_seed(0)

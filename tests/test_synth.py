@@ -9,11 +9,10 @@ import pytest
 import torch
 from cnn_fixtures import make_calibration
 
-from focaltrack.sim.calibration import NoiseModel
+from focaltrack.calibration import NoiseModel
+from focaltrack.calibration.preprocess import DEFAULT_GAIN_E_PER_ADU, Preprocess
 from focaltrack.sim.synth import (
-    DEFAULT_GAIN_E_PER_ADU,
     Emitters,
-    Preprocess,
     SynthConfig,
     Synthesizer,
     axial_targets,

@@ -181,7 +181,7 @@ def _check_common(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from focaltrack.sim.calibration import load_stack_file, process_stack, summary
+    from focaltrack.calibration import load_stack_file, process_stack, summary
 
     _check_common(args)
     if args.from_file is not None:

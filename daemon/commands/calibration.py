@@ -1,7 +1,7 @@
 """``focaltrack calibration show CAL.h5 [--png CAL.png]``: look at a calibration.
 
 Prints a short text summary (slices, z grid, bead, noise model, photometry, drift) and
-writes a PNG a microscopist checks at a glance (see `focaltrack.sim.calibration_figure`).
+writes a PNG a microscopist checks at a glance (see `focaltrack.calibration.figure`).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from focaltrack.sim.calibration import Calibration, summary
-    from focaltrack.sim.calibration_figure import render_figure
+    from focaltrack.calibration import Calibration, summary
+    from focaltrack.calibration.figure import render_figure
 
     png: Path = args.png if args.png is not None else args.calibration.with_suffix(".png")
     if not png.parent.is_dir():

@@ -887,8 +887,8 @@ def _truth_in_view(driver: Any, stats: LiveStats, z_range_um: tuple[float, float
 
 
 def _calibration_figure(cal_path: Path, png: Path) -> None:
-    from focaltrack.sim.calibration import Calibration
-    from focaltrack.sim.calibration_figure import render_figure
+    from focaltrack.calibration import Calibration
+    from focaltrack.calibration.figure import render_figure
 
     render_figure(Calibration.load(cal_path), png)
 

@@ -50,7 +50,7 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from focaltrack.models.train import train
-    from focaltrack.sim.calibration import Calibration
+    from focaltrack.calibration import Calibration
 
     cal = Calibration.load(args.calibration)
     result = train(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from focaltrack.sim.calibration import Calibration
+    from focaltrack.calibration.format import Calibration
 
 
 def _log_limits(psf: np.ndarray) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def render_figure(cal: Calibration, path: str | os.PathLike[str], *, dpi: int = 
     from matplotlib import colors
     from matplotlib.figure import Figure
 
-    from focaltrack.sim.calibration import CalibrationError, summary
+    from focaltrack.calibration.format import CalibrationError, summary
 
     path = Path(path)
     if not path.parent.is_dir():
