@@ -1,0 +1,181 @@
+"""Scoring one evaluation point: what is evaluated, the point's spec and result, the scores.
+
+Scores come from `focaltrack.models.metrics`: one-to-one (Hungarian) matching within a 3D
+tolerance, Jaccard = TP / (TP + FP + FN), precision, recall, lateral / axial / 3D RMSE over
+matched pairs, pooled over a point's frames with frame-bootstrap 95 % intervals.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from focaltrack.models.metrics import MatchResult, combine, match
+from focaltrack.sim.snr import Exposure
+
+__all__ = [
+    "FrameLocalizer",
+    "PointResult",
+    "PointSpec",
+    "as_xyz_um",
+    "clean_json",
+    "score_frames",
+    "tol_key",
+    "tol_text",
+]
+
+
+@runtime_checkable
+class FrameLocalizer(Protocol):
+    """Anything that turns one camera frame into localizations.
+
+    The result may be a `focaltrack.models.localizer.Localizations`, any object with an
+    ``xyz_um`` (N, 3) attribute or ``x_um``/``y_um``/``z_um`` columns, or an (N, 3) array;
+    x, y in µm from the pixel index (column, row) × pixel size, z in the calibration's
+    convention.
+    """
+
+    def localize(self, frame: np.ndarray, *, frame_index: int = 0) -> Any: ...
+
+
+def as_xyz_um(result: Any) -> np.ndarray:
+    """The (N, 3) positions in µm of one frame's localizations, whatever their container."""
+    if isinstance(result, np.ndarray):
+        arr = result
+    elif hasattr(result, "xyz_um"):
+        arr = np.asarray(result.xyz_um)
+    elif all(hasattr(result, k) for k in ("x_um", "y_um", "z_um")):
+        arr = np.column_stack(
+            [np.asarray(result.x_um), np.asarray(result.y_um), np.asarray(result.z_um)]
+        )
+    else:
+        raise TypeError(f"cannot read positions from a {type(result).__name__}")
+    arr = np.asarray(arr, dtype=np.float64)
+    return arr.reshape(0, 3) if arr.size == 0 else arr
+
+
+@dataclass(frozen=True, slots=True)
+class PointSpec:
+    experiment: str
+    label: str
+    n_emitters: int
+    snr_db: float
+    frames: int
+    intensity_range: tuple[float, float] = (0.1, 1.0)
+
+
+@dataclass(frozen=True, slots=True)
+class PointResult:
+    spec: PointSpec
+    exposure: Exposure
+    image_snr_db: float
+    seconds_per_frame: float
+    saturated_pixel_fraction: float
+    scores: dict[str, dict[str, Any]]  # tolerance label → summary
+    pairs: dict[str, np.ndarray] = field(default_factory=dict)  # tolerance → (K, 6) t, e
+
+    def to_json(self) -> dict[str, Any]:
+        s = self.spec
+        return {
+            "label": s.label,
+            "n_emitters": s.n_emitters,
+            "snr_db": s.snr_db,
+            "frames": s.frames,
+            "intensity_range": list(s.intensity_range),
+            "photons_per_intensity": self.exposure.photons_per_intensity,
+            "background_photons": self.exposure.background_photons,
+            "image_snr_db": self.image_snr_db,
+            "seconds_per_frame": self.seconds_per_frame,
+            "saturated_pixel_fraction": self.saturated_pixel_fraction,
+            "scores": self.scores,
+        }
+
+
+def tol_key(tol_um: float) -> str:
+    """The JSON key of a tolerance: ``10um``."""
+    return f"{tol_um:g}um"
+
+
+def tol_text(key: str) -> str:
+    """A tolerance key for people: ``10um`` → ``10 µm``."""
+    return key.removesuffix("um") + " µm"
+
+
+def _bootstrap_ci(
+    per_frame: Sequence[MatchResult], rng: np.random.Generator, n_boot: int = 400
+) -> dict[str, list[float]]:
+    """95 % intervals of the pooled scores, resampling frames."""
+    n = len(per_frame)
+    if n < 2:
+        return {}
+    tp = np.array([r.tp for r in per_frame], dtype=np.float64)
+    fp = np.array([r.fp for r in per_frame], dtype=np.float64)
+    fn = np.array([r.fn for r in per_frame], dtype=np.float64)
+    e = [r.errors_um for r in per_frame]
+    sq_lat = np.array([np.sum(x[:, 0] ** 2 + x[:, 1] ** 2) for x in e])
+    sq_ax = np.array([np.sum(x[:, 2] ** 2) for x in e])
+    idx = rng.integers(0, n, size=(n_boot, n))
+    out: dict[str, list[float]] = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        t, p, f = tp[idx].sum(1), fp[idx].sum(1), fn[idx].sum(1)
+        denom = t + p + f
+        jac = np.where(denom > 0, t / np.where(denom > 0, denom, 1), 1.0)
+        out["jaccard"] = [float(np.quantile(jac, 0.025)), float(np.quantile(jac, 0.975))]
+        ok = t > 0
+        if ok.sum() >= 10:
+            for name, sq in (
+                ("rmse_lateral_um", sq_lat[idx].sum(1)),
+                ("rmse_axial_um", sq_ax[idx].sum(1)),
+                ("rmse_3d_um", (sq_lat + sq_ax)[idx].sum(1)),
+            ):
+                r = np.sqrt(sq[ok] / t[ok])
+                out[name] = [float(np.quantile(r, 0.025)), float(np.quantile(r, 0.975))]
+    return out
+
+
+def clean_json(v: Any) -> Any:
+    """JSON-safe: NaN → None, numpy scalars → Python."""
+    if isinstance(v, dict):
+        return {k: clean_json(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [clean_json(x) for x in v]
+    if isinstance(v, (np.floating, float)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.integer):
+        return int(v)
+    if isinstance(v, np.bool_):
+        return bool(v)
+    return v
+
+
+def score_frames(
+    preds: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    tolerances_um: Iterable[float],
+    rng: np.random.Generator | None = None,
+) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
+    """Pooled scores per tolerance, with frame-bootstrap 95 % intervals.
+
+    Also returns, per tolerance, the matched pairs as rows (truth x, y, z, error x, y, z).
+    """
+    rng = rng if rng is not None else np.random.default_rng(0)
+    scores: dict[str, dict[str, Any]] = {}
+    pairs: dict[str, np.ndarray] = {}
+    for tol in tolerances_um:
+        per_frame = [match(p, t, tol) for p, t in zip(preds, truths, strict=True)]
+        pooled = combine(per_frame)
+        s: dict[str, Any] = dict(pooled.summary())
+        s["tolerance_um"] = float(tol)
+        s["ci95"] = _bootstrap_ci(per_frame, rng)
+        scores[tol_key(tol)] = s
+        rows = [
+            np.column_stack([t[r.true_idx], r.errors_um])
+            for r, t in zip(per_frame, truths, strict=True)
+        ]
+        pairs[tol_key(tol)] = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6))
+    return scores, pairs
