@@ -19,7 +19,6 @@ import itertools
 import logging
 import multiprocessing as mp
 import queue
-import re
 import shutil
 import threading
 import time
@@ -147,29 +146,26 @@ class TrainRequest:
     overrides: dict[str, Any] | None = None
 
 
-_BAR = re.compile(r"(lateral|axial)\s*\[[#\-]*\]\s*(\d+)/(\d+)")
 #: Share of the whole run per phase (lateral, axial; the rest is validation and saving).
 _PHASES = {"lateral": (0.0, 0.45), "axial": (0.45, 0.35)}
 
 
-class _ProgressStream:
-    """Stands in for stderr in the child: turns train's progress-bar lines into numbers."""
+class _QueueProgress:
+    """Training's ``progress`` callback in the child: each step as a fraction of the whole
+    run, sent to the parent at most every ``interval_s`` (and at the end of a phase)."""
 
-    def __init__(self, q: Any) -> None:
+    def __init__(self, q: Any, interval_s: float = 0.2) -> None:
         self.q = q
+        self.interval_s = interval_s
+        self._last = 0.0
 
-    def write(self, text: str) -> int:
-        for m in _BAR.finditer(text):
-            start, span = _PHASES[m.group(1)]
-            done, total = int(m.group(2)), max(int(m.group(3)), 1)
-            self.q.put(("progress", start + span * done / total, f"{m.group(1)} {done}/{total}"))
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return False
+    def __call__(self, phase: str, step: int, steps: int) -> None:
+        now = time.monotonic()
+        if step < steps and now - self._last < self.interval_s:
+            return
+        self._last = now
+        start, span = _PHASES.get(phase, (0.0, 0.0))
+        self.q.put(("progress", start + span * step / max(steps, 1), f"{phase} {step}/{steps}"))
 
 
 def _exit_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -213,7 +209,7 @@ def _train_child(req: TrainRequest, q: Any) -> None:  # pragma: no cover - runs 
             seed=req.seed,
             device=req.device,
             threads=req.threads,
-            progress=True,
+            progress=_QueueProgress(q),
             log=log_line,
             overrides=req.overrides,
             calibration_path=req.calibration_path,

@@ -93,55 +93,46 @@ PRESETS: dict[str, Preset] = {
 }  # fmt: skip
 
 
-class ProgressBar:
-    """A one-line progress bar on a terminal (loss, rate, ETA); periodic lines otherwise."""
+#: What ``train(progress=...)`` takes: draw a bar on stderr (True), nothing (False), or
+#: call ``(phase, step, steps)`` after every step (the service's training job, which sends
+#: the numbers to its parent process instead of text).
+Progress = bool | Callable[[str, int, int], None]
 
-    def __init__(self, total: int, desc: str, stream: TextIO | None = None, enabled: bool = True):
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.t0 = time.perf_counter()
-        self.last = 0.0
+
+class ProgressBar:
+    """Training progress with loss, rate and ETA: a tqdm bar on a terminal, a line per 10 %
+    in a log (`focaltrack.common.progress`); ``on_step(phase, step, steps)`` if given."""
+
+    FORMAT = (
+        "{desc} [{bar:24}] {n_fmt}/{total_fmt} {rate_fmt} elapsed {elapsed} ETA {remaining}"
+        "{postfix}"
+    )
+
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        stream: TextIO | None = None,
+        enabled: bool = True,
+        on_step: Callable[[str, int, int], None] | None = None,
+    ):
+        from focaltrack.common.progress import progress_bar
+
+        self.total, self.desc, self.enabled, self.on_step = total, desc, enabled, on_step
         self.n = 0
-        self.next_line = 0.0
+        self._bar = progress_bar(
+            total, desc, stream=stream, enabled=enabled, bar_format=self.FORMAT
+        )
 
     def update(self, n: int, **stats: float) -> None:
+        if self.enabled:
+            self._bar.set_postfix_str(" ".join(f"{k} {v:.4g}" for k, v in stats.items()), False)
+            self._bar.update(n - self.n)
         self.n = n
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        done = n >= self.total
-        if not done and now - self.last < (0.2 if self.tty else 0.0):
-            return
-        frac = n / self.total
-        if not self.tty and not done and frac < self.next_line:
-            return
-        self.last = now
-        self.next_line = frac + 0.1
-        el = now - self.t0
-        rate = n / el if el > 0 else 0.0
-        eta = (self.total - n) / rate if rate > 0 else float("nan")
-        width = 24
-        bar = "#" * int(width * frac) + "-" * (width - int(width * frac))
-        st = " ".join(f"{k} {v:.4g}" for k, v in stats.items())
-        line = (
-            f"{self.desc} [{bar}] {n}/{self.total} {st} {rate:.2f} it/s "
-            f"elapsed {_hms(el)} ETA {_hms(eta)}"
-        )
-        if self.tty:
-            self.stream.write("\r" + line + ("\n" if done else ""))
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-
-
-def _hms(s: float) -> str:
-    if not math.isfinite(s):
-        return "--:--"
-    n = round(s)
-    return (
-        f"{n // 60}:{n % 60:02d}" if n < 3600 else f"{n // 3600}:{n % 3600 // 60:02d}:{n % 60:02d}"
-    )
+        if self.on_step is not None:
+            self.on_step(self.desc.strip(), n, self.total)
+        if n >= self.total:
+            self._bar.close()
 
 
 def _log_stderr(msg: str) -> None:
@@ -213,7 +204,7 @@ def train(
     device: str | None = None,
     threads: int | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: Progress = True,
     log: Callable[[str], None] = _log_stderr,
     overrides: dict[str, Any] | None = None,
     calibration_path: str | None = None,
@@ -370,7 +361,7 @@ def _fit(
     batch_fn: Callable[[], Any],
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     desc: str,
-    progress: bool,
+    progress: Progress,
 ) -> list[float]:
     net.train()
     net.to(memory_format=torch.channels_last)  # ~2x faster convolutions on CPUs
@@ -443,9 +434,10 @@ def _steps(
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     steps: int,
     desc: str,
-    progress: bool,
+    progress: Progress,
 ) -> list[float]:
-    bar = ProgressBar(steps, desc, enabled=progress)
+    on_step = None if isinstance(progress, bool) else progress
+    bar = ProgressBar(steps, desc, enabled=progress is True, on_step=on_step)
     hist: list[float] = []
     ema = float("nan")
     for i in range(steps):
