@@ -185,10 +185,7 @@ def _exit_with_parent() -> None:  # pragma: no cover - runs in the child
 
 
 def _train_child(req: TrainRequest, q: Any) -> None:  # pragma: no cover - runs in the child
-    import sys
-
     _exit_with_parent()
-    sys.stderr = _ProgressStream(q)  # type: ignore[assignment]
     try:
         from focaltrack.models.train import train
         from focaltrack.calibration import Calibration
