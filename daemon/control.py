@@ -1,0 +1,346 @@
+"""The wire of the service: the sockets (ROUTER for control, PUB for data), CURVE, and the
+control thread that reads requests and dispatches them through a handler table.
+
+``focaltrack-control`` owns the ROUTER socket: it reads requests, answers the quick ones
+(``inline``: status, job, cancel) at once and hands every other one to a small worker pool,
+whose replies come back through an inproc wake-up socket, so a slow ``move_z`` or
+``load_model`` never holds up another client. About once a second it calls ``tick`` (the
+service's heartbeat and, while idle, the systemd watchdog).
+
+A handler takes the request's checked arguments and returns the reply's ``result``; it
+raises `ProtocolError` for a refusal with a code. Workspace and driver errors map to their
+codes here, anything else to ``internal``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from focaltrack.common.errors import FocaltrackError
+from focaltrack.daemon.config import ConfigError
+from focaltrack.daemon.protocol import (
+    ErrorCode,
+    ProtocolError,
+    Request,
+    dumps,
+    error_reply,
+    ok_reply,
+    parse_request,
+    request_id,
+)
+from focaltrack.daemon.workspace import NotFound, WorkspaceError
+from focaltrack.drivers.base import DriverError
+
+if TYPE_CHECKING:
+    from focaltrack.daemon.config import NetworkConfig
+    from focaltrack.daemon.metrics import ServiceMetrics
+
+log = logging.getLogger("focaltrack.service")
+
+__all__ = ["HEARTBEAT_S", "ControlServer", "Handler", "ServiceError", "zmq_endpoint"]
+
+HEARTBEAT_S = 1.0
+
+#: A command handler: the request's arguments -> the reply's result.
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class ServiceError(FocaltrackError, RuntimeError):
+    """The service could not start (the message says why)."""
+
+
+def zmq_endpoint(host: str, port: int) -> str:
+    h = host.strip()
+    if h == "localhost":
+        h = "127.0.0.1"
+    if ":" in h and not h.startswith("["):
+        h = f"[{h}]"
+    return f"tcp://{h}:{port if port else '*'}"
+
+
+class ControlServer:
+    """The sockets and the control thread. `bind`, hand `pub_socket` to the publisher,
+    `start`; at the end `join` (after ``closing`` is set) and `close`."""
+
+    def __init__(
+        self,
+        handlers: Mapping[str, Handler],
+        *,
+        inline: frozenset[str],
+        metrics: ServiceMetrics,
+        closing: threading.Event,
+        tick: Callable[[], None],
+        on_crash: Callable[[], None],
+    ) -> None:
+        self._handlers = dict(handlers)
+        self._inline = inline
+        self._metrics = metrics
+        self._closing = closing
+        self._tick = tick
+        self._on_crash = on_crash
+        self._ctx: zmq.Context[Any] | None = None
+        self._auth: Any = None
+        self._router: zmq.Socket[bytes] | None = None
+        self._pub: zmq.Socket[bytes] | None = None
+        self._wake_rx: zmq.Socket[bytes] | None = None
+        self._wake_tx: zmq.Socket[bytes] | None = None
+        self._wake_lock = threading.Lock()
+        self._replies: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
+        self._executor: ThreadPoolExecutor | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def pub_socket(self) -> zmq.Socket[bytes]:
+        assert self._pub is not None, "bind first"
+        return self._pub
+
+    # ------------------------------------------------------------------ sockets
+    def bind(self, net: NetworkConfig) -> tuple[str, str]:
+        """Create and bind the control and publish sockets (CURVE servers when
+        ``net.curve_server_secret_file`` is set); returns their bound endpoints. Raises
+        `ConfigError` (unreadable keys) or `ServiceError` (cannot bind); `close` cleans up."""
+        self._ctx = zmq.Context()
+        ctx = self._ctx
+        curve = bool(net.curve_server_secret_file)
+        public = secret = None
+        if curve:
+            from zmq.auth import load_certificate
+            from zmq.auth.thread import ThreadAuthenticator
+
+            try:
+                public, secret = load_certificate(net.curve_server_secret_file)
+            except (OSError, ValueError) as e:
+                raise ConfigError(
+                    f"network.curve_server_secret_file: cannot read {net.curve_server_secret_file}"
+                    f": {e}"
+                ) from e
+            if secret is None:
+                raise ConfigError(
+                    f"network.curve_server_secret_file: {net.curve_server_secret_file} holds no "
+                    "secret key (use the .key_secret file from zmq.auth.create_certificates)"
+                )
+            self._auth = ThreadAuthenticator(ctx)
+            self._auth.start()
+            self._auth.configure_curve(domain="*", location=net.curve_allowed_clients_dir)
+        ipv6 = ":" in net.bind
+
+        def make(kind: int) -> zmq.Socket[bytes]:
+            s = ctx.socket(kind)
+            s.setsockopt(zmq.LINGER, 0)
+            if ipv6:
+                s.setsockopt(zmq.IPV6, 1)
+            if curve:
+                s.curve_secretkey = secret
+                s.curve_publickey = public
+                s.curve_server = True
+            return s
+
+        def bind(s: zmq.Socket[bytes], port: int, what: str) -> str:
+            ep = zmq_endpoint(net.bind, port)
+            try:
+                s.bind(ep)
+            except zmq.ZMQError as e:
+                raise ServiceError(f"cannot bind the {what} socket to {ep}: {e}") from e
+            return s.getsockopt_string(zmq.LAST_ENDPOINT)
+
+        self._router = make(zmq.ROUTER)
+        self._router.setsockopt(zmq.RCVHWM, 1000)
+        # Requests are small (the protocol answers bad_request above 64 KiB); a peer sending
+        # more than 16 MiB in one message is disconnected instead of buffered.
+        self._router.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        self._router.setsockopt(zmq.SNDHWM, 1000)
+        control = bind(self._router, net.control_port, "control")
+        self._pub = make(zmq.PUB)
+        self._pub.setsockopt(zmq.SNDHWM, net.pub_hwm)
+        pub = bind(self._pub, net.pub_port, "publish")
+        self._wake_rx = ctx.socket(zmq.PAIR)
+        self._wake_rx.setsockopt(zmq.LINGER, 0)
+        addr = f"inproc://focaltrack-wake-{id(self)}"
+        self._wake_rx.bind(addr)
+        self._wake_tx = ctx.socket(zmq.PAIR)
+        self._wake_tx.setsockopt(zmq.LINGER, 0)
+        self._wake_tx.connect(addr)
+        return control, pub
+
+    def close(self) -> None:
+        """Close every socket and the context (the publisher has detached the PUB socket)."""
+        with self._wake_lock:  # worker threads wake the control loop under it
+            tx, self._wake_tx = self._wake_tx, None
+        router, self._router = self._router, None
+        pub, self._pub = self._pub, None
+        rx, self._wake_rx = self._wake_rx, None
+        for sock in (router, pub, rx, tx):
+            if sock is not None:
+                with contextlib.suppress(Exception):
+                    sock.close(linger=0)
+        if self._auth is not None:
+            with contextlib.suppress(Exception):
+                self._auth.stop()
+            self._auth = None
+        if self._ctx is not None:
+            with contextlib.suppress(Exception):
+                self._ctx.term()
+            self._ctx = None
+
+    # ------------------------------------------------------------------ thread
+    def start(self) -> None:
+        """Start the worker pool and the control thread (requests that came before wait in
+        the socket)."""
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="focaltrack-cmd")
+        self._thread = threading.Thread(target=self._loop, name="focaltrack-control", daemon=True)
+        self._thread.start()
+
+    def join(self, timeout_s: float) -> None:
+        """Wait for the control thread (it ends once ``closing`` is set), drop queued work."""
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout_s)
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def _loop(self) -> None:
+        try:
+            self._loop_inner()
+        except Exception:  # a bug: without the control thread nobody can reach the service
+            log.critical("the control loop failed; shutting down", exc_info=True)
+            self._on_crash()
+
+    def _loop_inner(self) -> None:
+        router, wake = self._router, self._wake_rx
+        assert router is not None and wake is not None
+        poller = zmq.Poller()
+        poller.register(router, zmq.POLLIN)
+        poller.register(wake, zmq.POLLIN)
+        next_hb = time.monotonic()
+        while not self._closing.is_set():
+            now = time.monotonic()
+            if now >= next_hb:
+                self._tick()
+                next_hb = now + HEARTBEAT_S
+            timeout_ms = max(1, int((next_hb - time.monotonic()) * 1000))
+            try:
+                events = dict(poller.poll(min(timeout_ms, 200)))
+            except zmq.ZMQError as e:
+                if self._closing.is_set():
+                    break
+                log.error("control poll failed: %s", e)
+                continue
+            if wake in events:
+                with contextlib.suppress(zmq.Again):
+                    while True:
+                        wake.recv(zmq.NOBLOCK)
+            self._send_replies(router)
+            if router in events:
+                for _ in range(100):  # bounded burst, then heartbeats and replies again
+                    try:
+                        frames = router.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    except zmq.ZMQError as e:
+                        log.warning("control receive failed: %s", e)
+                        break
+                    self._on_message(frames)
+                    self._send_replies(router)
+        self._send_replies(router)  # e.g. the reply to "shutdown"
+
+    # ------------------------------------------------------------------ replies
+    def _send_replies(self, router: zmq.Socket[bytes]) -> None:
+        while True:
+            try:
+                frames = self._replies.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                router.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.ZMQError as e:  # the peer is gone (unroutable) or its queue is full
+                log.debug("reply dropped: %s", e)
+
+    def _post_reply(self, envelope: list[bytes], reply: dict[str, Any]) -> None:
+        try:
+            body = dumps(reply)
+        except (TypeError, ValueError) as e:
+            body = dumps(
+                error_reply(ErrorCode.INTERNAL, f"reply not serialisable: {e}", reply.get("id"))
+            )
+        ok = reply.get("ok") is True
+        self._metrics.control_requests.labels(outcome="ok" if ok else "error").inc()
+        self._replies.put([*envelope, body])
+        if threading.current_thread() is not self._thread:
+            with self._wake_lock:
+                tx = self._wake_tx
+                if tx is not None:
+                    with contextlib.suppress(zmq.ZMQError):
+                        tx.send(b"", zmq.NOBLOCK)
+
+    # ------------------------------------------------------------------ requests
+    def _on_message(self, frames: list[bytes]) -> None:
+        # ROUTER: [identity, (b"" from REQ/DEALER-with-delimiter), body...]
+        if len(frames) < 2:
+            self._metrics.control_requests.labels(outcome="dropped").inc()
+            return
+        identity, rest = frames[0], frames[1:]
+        if rest[0] == b"":
+            envelope, body = [identity, b""], rest[1:]
+        else:
+            envelope, body = [identity], rest
+        if len(body) != 1:
+            self._post_reply(
+                envelope,
+                error_reply(
+                    ErrorCode.BAD_REQUEST,
+                    f"a request is exactly one JSON frame (after the optional empty delimiter); "
+                    f"got {len(body)}",
+                    request_id(body[0]) if body else None,
+                ),
+            )
+            return
+        raw = body[0]
+        try:
+            req = parse_request(raw)
+        except ProtocolError as e:
+            self._post_reply(envelope, error_reply(e.code, e.message, request_id(raw)))
+            return
+        if req.cmd in self._inline:
+            self._post_reply(envelope, self.execute(req))
+            return
+        ex = self._executor
+        if ex is None:
+            self._post_reply(envelope, error_reply(ErrorCode.WRONG_STATE, "shutting down", req.id))
+            return
+        try:
+            ex.submit(lambda: self._post_reply(envelope, self.execute(req)))
+        except RuntimeError:
+            self._post_reply(envelope, error_reply(ErrorCode.WRONG_STATE, "shutting down", req.id))
+
+    def execute(self, req: Request) -> dict[str, Any]:
+        """Run ``req``'s handler; the reply (ok with its result, or the error)."""
+        handler = self._handlers.get(req.cmd)
+        if handler is None:  # a command in the protocol without a handler is a bug
+            return error_reply(ErrorCode.INTERNAL, f"{req.cmd} is not implemented", req.id)
+        t0 = time.monotonic()
+        try:
+            return ok_reply(handler(req.args), req.id)
+        except ProtocolError as e:
+            return error_reply(e.code, e.message, req.id)
+        except NotFound as e:
+            return error_reply(ErrorCode.NOT_FOUND, str(e), req.id)
+        except WorkspaceError as e:
+            return error_reply(ErrorCode.BAD_ARGS, str(e), req.id)
+        except DriverError as e:
+            return error_reply(ErrorCode.DRIVER_ERROR, str(e), req.id)
+        except Exception as e:
+            log.exception("command %s failed", req.cmd)
+            return error_reply(ErrorCode.INTERNAL, f"{type(e).__name__}: {e}", req.id)
+        finally:
+            dt = time.monotonic() - t0
+            if dt > 2.0 and req.cmd != "move_z":
+                log.warning("command %s took %.1f s", req.cmd, dt)

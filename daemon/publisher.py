@@ -1,0 +1,87 @@
+"""The PUB side of the service: one socket shared by every thread that publishes, the
+per-topic sequence numbers, events and heartbeats.
+
+A ZeroMQ socket may be used from several threads when every use is serialised: every send
+goes through `Publisher` under one lock. The socket is attached once bound and detached
+(under the same lock) before it is closed, so a late publisher finds none and drops its
+message instead of touching a closed socket.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import TYPE_CHECKING, Any
+
+import zmq
+
+from focaltrack.daemon.protocol import (
+    EventKind,
+    Sequencer,
+    Topic,
+    encode_message,
+    event_header,
+    hb_header,
+)
+
+if TYPE_CHECKING:
+    from focaltrack.daemon.metrics import ServiceMetrics
+
+log = logging.getLogger("focaltrack.service")
+
+__all__ = ["Publisher"]
+
+
+class Publisher:
+    """Publishes headers (and an optional payload) on the attached PUB socket; counts them in
+    ``focaltrack_published_messages_total``. Never blocks: at the high-water mark the message
+    is dropped, as PUB would do anyway."""
+
+    def __init__(self, metrics: ServiceMetrics) -> None:
+        self._metrics = metrics
+        self._seq = Sequencer()
+        # Re-entrant: an event's sequence number is taken and the event sent under it, so
+        # events from different threads go out in sequence order.
+        self._lock = threading.RLock()
+        self._pub: zmq.Socket[bytes] | None = None
+
+    def attach(self, sock: zmq.Socket[bytes]) -> None:
+        with self._lock:
+            self._pub = sock
+
+    def detach(self) -> zmq.Socket[bytes] | None:
+        """Stop publishing; returns the socket for its owner to close."""
+        with self._lock:
+            pub, self._pub = self._pub, None
+        return pub
+
+    def next_seq(self, topic: Topic) -> int:
+        """The next sequence number of ``topic`` (taken by the caller building a header)."""
+        return self._seq.next(topic)
+
+    def publish(self, header: dict[str, Any], payload: bytes | None = None) -> None:
+        frames = encode_message(header, payload)
+        with self._lock:
+            pub = self._pub
+            if pub is None:
+                return
+            try:
+                pub.send_multipart(frames, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return  # PUB drops at the high-water mark anyway
+        self._metrics.published_messages.labels(topic=header["topic"]).inc()
+
+    def publish_safe(self, header: dict[str, Any]) -> None:
+        try:
+            self.publish(header)
+        except Exception as e:  # publishing must never take the caller down
+            log.warning("publish %s failed: %s", header.get("topic"), e)
+
+    def event(self, kind: EventKind, **fields: Any) -> None:
+        """An ``event`` message of ``kind`` (see `protocol.event_header` for the fields)."""
+        with self._lock:
+            self.publish_safe(event_header(seq=self._seq.next(Topic.EVENT), kind=kind, **fields))
+
+    def heartbeat(self, **fields: Any) -> None:
+        """An ``hb`` message (see `protocol.hb_header` for the fields)."""
+        self.publish_safe(hb_header(seq=self._seq.next(Topic.HB), **fields))
