@@ -13,6 +13,9 @@ along its first axis afterwards:
   sigma_y_um, sigma_z_um, status, age_frames, misses}`` — one row per live track after each
   analysed frame; ``status`` is an HDF5 enum (0 tentative, 1 confirmed).
 
+The three tables are the HDF5 columns of the records `FrameMeta`, `Localizations` and
+`Tracks` (`focaltrack.records`); the lists above are what they hold at schema 1.
+
 Root attributes: ``schema_version``, ``kind`` ("focaltrack.recording"), ``created_utc``,
 ``calibration_sha256``, ``model``, ``pixel_size_um``, ``frames_recorded`` (bool), plus any
 extra given; ``complete`` is False while writing and set True (with ``n_frames``) after a
@@ -44,6 +47,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.records import (
+    STATUS_CODES,
+    FrameMeta,
+    Localizations,
+    Tracks,
+    TrackStatus,
+    columns_of,
+    hdf5_columns,
+    to_columns,
+)
 
 if TYPE_CHECKING:
     from focaltrack.drivers.base import Frame
@@ -61,36 +74,11 @@ __all__ = [
 RECORDING_KIND = "focaltrack.recording"
 RECORDING_SCHEMA_VERSION = 1
 
-FRAME_META_COLUMNS: dict[str, str] = {
-    "index": "i8",
-    "t_acq_s": "f8",
-    "stage_z_um": "f8",
-    "exposure_ms": "f8",
-}
-LOC_COLUMNS: dict[str, str] = {
-    "frame": "i8",
-    "x_um": "f8",
-    "y_um": "f8",
-    "z_um": "f8",
-    "score": "f4",
-}
-TRACK_COLUMNS: dict[str, str] = {
-    "frame": "i8",
-    "track_id": "i8",
-    "x_um": "f8",
-    "y_um": "f8",
-    "z_um": "f8",
-    "vx_um_s": "f8",
-    "vy_um_s": "f8",
-    "vz_um_s": "f8",
-    "sigma_x_um": "f8",
-    "sigma_y_um": "f8",
-    "sigma_z_um": "f8",
-    "status": "status",
-    "age_frames": "i8",
-    "misses": "i8",
-}
-STATUS_CODES: dict[str, int] = {"tentative": 0, "confirmed": 1}
+# The datasets of each group: the HDF5 columns of its record (name -> dtype, "enum" for
+# the track status), so a field added to a record is recorded without a change here.
+FRAME_META_COLUMNS: dict[str, str] = hdf5_columns(FrameMeta)
+LOC_COLUMNS: dict[str, str] = hdf5_columns(Localizations)
+TRACK_COLUMNS: dict[str, str] = hdf5_columns(Tracks)
 _TABLE_CHUNK = 4096
 #: Write out early when this many frames are waiting (bounds the writer's memory).
 _MAX_PENDING_FRAMES = 32
@@ -239,9 +227,9 @@ class Recorder:
                     shape=(0,),
                     maxshape=(None,),
                     chunks=(_TABLE_CHUNK,),
-                    dtype=status_dt if dt == "status" else np.dtype(dt),
+                    dtype=status_dt if dt == "enum" else np.dtype(dt),
                 )
-        f["tracks/status"].attrs["codes"] = "0 tentative, 1 confirmed"
+        f["tracks/status"].attrs["codes"] = ", ".join(f"{c} {s}" for s, c in STATUS_CODES.items())
 
     def stop(self, timeout_s: float = 10.0) -> RecordingSummary:
         """Write out everything queued, flush, close, mark the file complete."""
@@ -313,22 +301,26 @@ class Recorder:
                 self.frame_shape,
             )
             return False
-        meta = (
-            int(frame.index),
-            float(frame.t_acq_s),
-            float(frame.stage_z_um),
-            float(frame.exposure_ms),
+        # FrameMeta's fields are named as the Frame's attributes
+        meta = tuple(
+            int(getattr(frame, name)) if dt[0] in "iu" else float(getattr(frame, name))
+            for name, dt in FRAME_META_COLUMNS.items()
         )
         return self._put(("frame", (meta, px if self.record_frames else None)))
 
     def add_results(
         self,
         frame_index: int,
-        loc: Mapping[str, np.ndarray] | None,
-        tracks: Mapping[str, np.ndarray] | None,
+        loc: Localizations | Mapping[str, np.ndarray] | None,
+        tracks: Tracks | Mapping[str, np.ndarray] | None,
     ) -> bool:
-        """Queue one frame's localization columns (x_um, y_um, z_um, score) and track
-        columns (as `TrackFrame.as_columns`, or with ``status`` strings)."""
+        """Queue one frame's localizations and tracks: the records, or their columns by name
+        (tracks as `TrackFrame.as_columns`; ``status`` as codes or strings, or a boolean
+        ``confirmed`` instead). The rows get ``frame = frame_index``."""
+        if isinstance(loc, Localizations):
+            loc = to_columns(loc)
+        if isinstance(tracks, Tracks):
+            tracks = to_columns(tracks)
         return self._put(("results", (int(frame_index), loc, tracks)))
 
     # ------------------------------------------------------------------ writer
@@ -378,20 +370,9 @@ class Recorder:
     ) -> None:
         index, loc, tracks = item
         if loc is not None:
-            n = len(np.asarray(loc["x_um"]))
-            loc_rows["frame"].append(np.full(n, index, dtype=np.int64))
-            for k in ("x_um", "y_um", "z_um", "score"):
-                loc_rows[k].append(np.asarray(loc[k]).reshape(n))
+            _collect_rows(Localizations, index, loc, loc_rows)
         if tracks is not None:
-            n = len(np.asarray(tracks["track_id"]))
-            trk_rows["frame"].append(np.full(n, index, dtype=np.int64))
-            for k in TRACK_COLUMNS:
-                if k == "frame":
-                    continue
-                if k == "status":
-                    trk_rows[k].append(_status_codes(tracks, n))
-                else:
-                    trk_rows[k].append(np.asarray(tracks[k]).reshape(n))
+            _collect_rows(Tracks, index, tracks, trk_rows)
 
     def _write_out(
         self,
@@ -437,10 +418,29 @@ def _append(ds: Any, values: np.ndarray) -> None:
     ds[n : n + m] = values.astype(ds.dtype, copy=False)
 
 
+def _collect_rows(
+    record: type[Any],
+    index: int,
+    cols: Mapping[str, np.ndarray],
+    rows: dict[str, list[np.ndarray]],
+) -> None:
+    """Append one frame's columns to ``rows`` (the record's HDF5 columns; ``frame`` is the
+    frame's index whatever ``cols`` holds)."""
+    spec = [c for c in columns_of(record) if c.hdf5]
+    n = len(np.asarray(cols[next(c.name for c in spec if c.wire == "required")]))
+    for c in spec:
+        if c.name == "frame":
+            rows[c.name].append(np.full(n, index, dtype=np.int64))
+        elif c.enum is not None:
+            rows[c.name].append(_status_codes(cols, n))
+        else:
+            rows[c.name].append(np.asarray(cols[c.name]).reshape(n))
+
+
 def _status_codes(tracks: Mapping[str, np.ndarray], n: int) -> np.ndarray:
     if "status" in tracks:
         s = np.asarray(tracks["status"]).reshape(n)
         if s.dtype.kind in "US":
             return np.array([STATUS_CODES[str(v)] for v in s.astype(str)], dtype=np.uint8)
         return s.astype(np.uint8)
-    return np.asarray(tracks["confirmed"], dtype=bool).reshape(n).astype(np.uint8)
+    return TrackStatus.of_confirmed(np.asarray(tracks["confirmed"]).reshape(n))

@@ -44,7 +44,6 @@ import logging
 import math
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from enum import Enum
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -52,266 +51,41 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
+from focaltrack.models.track_types import Track, TrackFrame, TrackTable
+from focaltrack.models.tracker_config import (
+    ACCEL_REFERENCE_S,
+    MotionModel,
+    TrackerConfig,
+    noise_from_errors,
+    noise_from_validation,
+)
+from focaltrack.records.tracks import TrackStatus
+
 if TYPE_CHECKING:
     from filterpy.kalman import KalmanFilter
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "ACCEL_REFERENCE_S",
+    "KalmanTracker",
+    "MotionModel",
+    "Track",
+    "TrackFrame",
+    "TrackStatus",
+    "TrackTable",
+    "TrackerConfig",
+    "UpdateStats",
+    "defocus_to_depth",
+    "link_iter",
+    "link_table",
+    "noise_from_errors",
+    "noise_from_validation",
+    "tracks_at_focus",
+]
+
 #: Above this many ambiguous gated pairs, one sparse assignment replaces per-cluster solves.
 _SPARSE_SOLVER_PAIRS = 400
-
-#: Reference time of the acceleration noise parameter, see `TrackerConfig.accel_um_s2`.
-ACCEL_REFERENCE_S = 1.0
-
-
-class MotionModel(str, Enum):
-    """Motion model of every track."""
-
-    CONSTANT_VELOCITY = "constant_velocity"
-    """State (x, y, z, vx, vy, vz); white-noise acceleration drives the velocity."""
-    RANDOM_WALK = "random_walk"
-    """State (x, y, z); Brownian motion with diffusion coefficient ``diffusion_um2_s``."""
-
-
-class TrackStatus(str, Enum):
-    TENTATIVE = "tentative"
-    CONFIRMED = "confirmed"
-
-
-@dataclass(frozen=True, slots=True)
-class TrackerConfig:
-    """Tracker parameters; every dimensional one carries its unit in its name.
-
-    The defaults suit the seed paper's case: cells at ~75 µm/s imaged at 100 fps, localized
-    to ~0.3 µm laterally and ~1.5 µm axially.
-    """
-
-    motion: MotionModel = MotionModel.CONSTANT_VELOCITY
-    #: Measurement noise, standard deviation per lateral axis (x and y each), µm.
-    sigma_lateral_um: float = 0.3
-    #: Measurement noise, standard deviation along z, µm.
-    sigma_axial_um: float = 1.5
-    #: Constant velocity: white-noise acceleration, µm/s². The continuous-time spectral
-    #: density is ``q = accel_um_s2² × 1 s`` (µm²/s³) per axis, so over an interval T the
-    #: velocity drifts by ``accel_um_s2 · √(T · 1 s)`` (one standard deviation) whatever the
-    #: frame rate: 100 µm/s² lets the velocity wander ~10 µm/s per 10 ms, ~100 µm/s per second.
-    accel_um_s2: float = 100.0
-    #: Random walk: diffusion coefficient per axis, µm²/s (position variance grows 2·D·dt).
-    diffusion_um2_s: float = 1.0
-    #: Constant velocity: standard deviation of a new track's velocity per axis, µm/s.
-    init_velocity_std_um_s: float = 100.0
-    #: Probability that a true localization falls inside its track's gate (χ², 3 dof).
-    gate_probability: float = 0.9999
-    #: A tentative track is confirmed after this many hits (M) ...
-    confirm_hits: int = 3
-    #: ... within its first this-many frames (N); if it cannot get there it is deleted.
-    confirm_window: int = 5
-    #: A confirmed track is deleted at this many consecutive misses (K).
-    max_misses: int = 5
-    #: At most this many localizations per frame are used (highest scores first).
-    max_localizations_per_frame: int = 10_000
-    #: At most this many new tracks start per frame (highest scores first).
-    max_births_per_frame: int = 500
-    #: No births once this many tracks are alive.
-    max_tracks: int = 10_000
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "motion", MotionModel(self.motion))
-        positive = {
-            "sigma_lateral_um": self.sigma_lateral_um,
-            "sigma_axial_um": self.sigma_axial_um,
-            "init_velocity_std_um_s": self.init_velocity_std_um_s,
-        }
-        for name, value in positive.items():
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value}")
-        for name, value in {
-            "accel_um_s2": self.accel_um_s2,
-            "diffusion_um2_s": self.diffusion_um2_s,
-        }.items():
-            if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value}")
-        if not 0 < self.gate_probability < 1:
-            raise ValueError(f"gate_probability must be in (0, 1), got {self.gate_probability}")
-        if not 1 <= self.confirm_hits <= self.confirm_window:
-            raise ValueError(
-                "need 1 <= confirm_hits <= confirm_window, got "
-                f"{self.confirm_hits} and {self.confirm_window}"
-            )
-        for name in (
-            "max_misses",
-            "max_localizations_per_frame",
-            "max_births_per_frame",
-            "max_tracks",
-        ):
-            if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
-
-    @property
-    def gate_d2(self) -> float:
-        """Gate on the squared Mahalanobis distance (χ² quantile, 3 degrees of freedom)."""
-        from scipy.stats import chi2  # scipy.stats is slow to import; keep the CLI start fast
-
-        return float(chi2.ppf(self.gate_probability, 3))
-
-    @property
-    def dim_x(self) -> int:
-        return 6 if self.motion is MotionModel.CONSTANT_VELOCITY else 3
-
-    def measurement_noise_um2(self) -> np.ndarray:
-        """R, the (3, 3) measurement covariance in µm²."""
-        return np.diag([self.sigma_lateral_um**2, self.sigma_lateral_um**2, self.sigma_axial_um**2])
-
-    def transition(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
-        """F and Q for a step of ``dt_s`` seconds (state order x, y, z[, vx, vy, vz])."""
-        if self.motion is MotionModel.RANDOM_WALK:
-            return np.eye(3), np.eye(3) * (2.0 * self.diffusion_um2_s * dt_s)
-        # filterpy pulls in scipy.stats (~1 s): imported here, not at module load, so the
-        # CLI starts fast.
-        from filterpy.common import Q_continuous_white_noise
-
-        f = np.eye(6)
-        f[0:3, 3:6] = np.eye(3) * dt_s
-        q = Q_continuous_white_noise(
-            dim=2,
-            dt=dt_s,
-            spectral_density=self.accel_um_s2**2 * ACCEL_REFERENCE_S,
-            block_size=3,
-            order_by_dim=False,
-        )
-        return f, np.asarray(q, dtype=np.float64)
-
-    def initial_covariance(self) -> np.ndarray:
-        p = np.zeros((self.dim_x, self.dim_x))
-        p[:3, :3] = self.measurement_noise_um2()
-        if self.motion is MotionModel.CONSTANT_VELOCITY:
-            p[3:, 3:] = np.eye(3) * self.init_velocity_std_um_s**2
-        return p
-
-
-def noise_from_errors(errors_um: np.ndarray) -> tuple[float, float]:
-    """Per-axis lateral and axial standard deviations (µm) from (N, 3) localization errors.
-
-    Feed it a localizer's measured errors against ground truth (``MatchResult.errors_um``):
-    ``replace(config, sigma_lateral_um=..., sigma_axial_um=...)``. Lateral pools x and y.
-    """
-    e = np.asarray(errors_um, dtype=np.float64).reshape(-1, 3)
-    e = e[np.all(np.isfinite(e), axis=1)]
-    if len(e) < 2:
-        raise ValueError("need at least two finite localization errors to estimate noise")
-    lateral = float(np.sqrt(np.mean(e[:, :2] ** 2)))
-    axial = float(np.sqrt(np.mean(e[:, 2] ** 2)))
-    return lateral, axial
-
-
-def noise_from_validation(meta: dict) -> tuple[float, float]:  # type: ignore[type-arg]
-    """Per-axis lateral and axial σ (µm) from a model bundle's validation report.
-
-    ``meta`` is ``bundle.json`` (`focaltrack.models.bundle.read_meta`); its
-    ``validation.by_snr`` holds the localizer's lateral (radial) and axial RMSE against
-    ground truth per SNR point. Returns the median over the SNR points of
-    ``rmse_lateral_um / √2`` and ``rmse_axial_um``.
-    """
-    points = (meta.get("validation") or {}).get("by_snr") or {}
-
-    def finite(key: str) -> list[float]:
-        vals = (p.get(key) for p in points.values() if isinstance(p, dict))
-        return [
-            float(v) for v in vals if isinstance(v, (int, float)) and math.isfinite(v) and v > 0
-        ]
-
-    lat, ax = finite("rmse_lateral_um"), finite("rmse_axial_um")
-    if not lat or not ax:
-        raise ValueError("the model's bundle.json has no validation RMSE to take the noise from")
-    return float(np.median(lat)) / math.sqrt(2.0), float(np.median(ax))
-
-
-@dataclass(frozen=True, slots=True, eq=False)  # arrays: compare fields explicitly
-class Track:
-    """One live track after a frame. Arrays are read-only."""
-
-    id: int
-    t_s: float
-    xyz_um: np.ndarray  # (3,)
-    velocity_um_s: np.ndarray  # (3,); zeros under the random-walk model
-    cov_xyz_um2: np.ndarray  # (3, 3) position covariance
-    status: TrackStatus
-    age_frames: int  # frames since birth, the birth frame counting as 1
-    hits: int  # frames with an assigned localization
-    misses: int  # consecutive frames without one (0 when updated this frame)
-    localization_index: int  # row of this frame's input assigned to it, -1 if none
-
-
-@dataclass(frozen=True, slots=True, eq=False)  # arrays: compare fields explicitly
-class TrackFrame:
-    """The tracks alive after one frame, as columns (row i is one track)."""
-
-    t_s: float
-    id: np.ndarray  # (T,) int64
-    xyz_um: np.ndarray  # (T, 3)
-    velocity_um_s: np.ndarray  # (T, 3)
-    cov_xyz_um2: np.ndarray  # (T, 3, 3)
-    confirmed: np.ndarray  # (T,) bool
-    age_frames: np.ndarray  # (T,) int64
-    hits: np.ndarray  # (T,) int64
-    misses: np.ndarray  # (T,) int64
-    localization_index: np.ndarray  # (T,) int64, -1 if none
-
-    def __len__(self) -> int:
-        return len(self.id)
-
-    def as_columns(self) -> dict[str, np.ndarray]:
-        """Flat columns named as in the track files (docs/tracking.md), for publishing."""
-        sig = np.sqrt(np.maximum(np.diagonal(self.cov_xyz_um2, axis1=1, axis2=2), 0.0))
-        return {
-            "track_id": self.id,
-            "x_um": self.xyz_um[:, 0],
-            "y_um": self.xyz_um[:, 1],
-            "z_um": self.xyz_um[:, 2],
-            "vx_um_s": self.velocity_um_s[:, 0],
-            "vy_um_s": self.velocity_um_s[:, 1],
-            "vz_um_s": self.velocity_um_s[:, 2],
-            "sigma_x_um": sig[:, 0],
-            "sigma_y_um": sig[:, 1],
-            "sigma_z_um": sig[:, 2],
-            "confirmed": self.confirmed,
-            "age_frames": self.age_frames,
-            "hits": self.hits,
-            "misses": self.misses,
-            "localization_index": self.localization_index,
-        }
-
-    def tracks(self) -> list[Track]:
-        xyz = self.xyz_um
-        vel = self.velocity_um_s
-        cov = self.cov_xyz_um2
-        out = []
-        for i, (tid, conf, age, hits, miss, li) in enumerate(
-            zip(
-                self.id.tolist(),
-                self.confirmed.tolist(),
-                self.age_frames.tolist(),
-                self.hits.tolist(),
-                self.misses.tolist(),
-                self.localization_index.tolist(),
-                strict=True,
-            )
-        ):
-            out.append(
-                Track(
-                    tid,
-                    self.t_s,
-                    xyz[i],
-                    vel[i],
-                    cov[i],
-                    TrackStatus.CONFIRMED if conf else TrackStatus.TENTATIVE,
-                    age,
-                    hits,
-                    miss,
-                    li,
-                )
-            )
-        return out
 
 
 @dataclass(slots=True)
@@ -690,13 +464,14 @@ class KalmanTracker:
         else:
             vel = np.zeros_like(xyz)
         cov = p[:, :3, :3]
-        cols = [xyz, vel, cov, st.id, st.confirmed, st.age, st.hits, st.misses, loc_index]
+        status = TrackStatus.of_confirmed(st.confirmed)
+        cols = [xyz, vel, cov, st.id, status, st.age, st.hits, st.misses, loc_index]
         cols = [np.array(a, copy=True) for a in cols]  # detached from the live state
         for a in cols:
             a.flags.writeable = False
-        xyz, vel, cov, ids, conf, age, hits, misses, li = cols
+        xyz, vel, cov, ids, status, age, hits, misses, li = cols
         t = t_s if t_s is not None else (self._t if self._t is not None else math.nan)
-        return TrackFrame(t, ids, xyz, vel, cov, conf, age, hits, misses, li)
+        return TrackFrame(t, ids, xyz, vel, cov, status, age, hits, misses, li)
 
 
 def _inv_sym3(s: np.ndarray) -> np.ndarray:
@@ -762,34 +537,6 @@ def link_iter(
         yield tracker.update_frame(xyz, t_s, scores)
 
 
-@dataclass(frozen=True, slots=True, eq=False)  # arrays: compare fields explicitly
-class TrackTable:
-    """Tracks of a whole recording as columns: one row per live track per frame."""
-
-    frame: np.ndarray  # (n,) int64
-    t_s: np.ndarray  # (n,)
-    track_id: np.ndarray  # (n,) int64
-    xyz_um: np.ndarray  # (n, 3)
-    velocity_um_s: np.ndarray  # (n, 3)
-    cov_xyz_um2: np.ndarray  # (n, 3, 3)
-    confirmed: np.ndarray  # (n,) bool
-    age_frames: np.ndarray
-    hits: np.ndarray
-    misses: np.ndarray
-    localization_row: np.ndarray  # (n,) int64: input row assigned this frame, -1 if none
-
-    def __len__(self) -> int:
-        return len(self.frame)
-
-    def select(self, mask: np.ndarray) -> TrackTable:
-        return TrackTable(*(getattr(self, f)[mask] for f in self.__slots__))  # type: ignore[attr-defined]
-
-    def ever_confirmed(self) -> TrackTable:
-        """Rows of tracks that were confirmed at some point (their tentative start included)."""
-        good = np.unique(self.track_id[self.confirmed])
-        return self.select(np.isin(self.track_id, good))
-
-
 def link_table(
     frame: np.ndarray,
     xyz_um: np.ndarray,
@@ -820,7 +567,7 @@ def link_table(
     order = np.argsort(frame, kind="stable")
     fr_sorted = frame[order]
     if not len(frame) and frame_range is None:
-        return _empty_table()
+        return TrackTable.empty()
     frames, starts = np.unique(fr_sorted, return_index=True)
     ends = np.append(starts[1:], len(fr_sorted))
     if t_s is not None:
@@ -867,61 +614,10 @@ def link_table(
             res = tracker.update_frame(xyz[order[a:b]], tf, None if sc is None else sc[a:b])
         except ValueError as e:
             raise ValueError(f"frame {f}: {e}") from e
-        li = res.localization_index
+        li = res.localization_row
         rows = np.where(li >= 0, order[a:b][np.maximum(li, 0)] if b > a else -1, -1)
-        parts.append((f, _with_rows(res, rows)))
-    return _table(parts)
-
-
-def _with_rows(res: TrackFrame, rows: np.ndarray) -> TrackFrame:
-    return TrackFrame(
-        res.t_s,
-        res.id,
-        res.xyz_um,
-        res.velocity_um_s,
-        res.cov_xyz_um2,
-        res.confirmed,
-        res.age_frames,
-        res.hits,
-        res.misses,
-        np.asarray(rows, dtype=np.int64),
-    )
-
-
-def _table(parts: list[tuple[int, TrackFrame]]) -> TrackTable:
-    if not parts:
-        return _empty_table()
-    n = [len(p) for _, p in parts]
-    return TrackTable(
-        np.repeat(np.array([f for f, _ in parts], dtype=np.int64), n),
-        np.repeat(np.array([p.t_s for _, p in parts]), n),
-        np.concatenate([p.id for _, p in parts]),
-        np.concatenate([p.xyz_um for _, p in parts]).reshape(-1, 3),
-        np.concatenate([p.velocity_um_s for _, p in parts]).reshape(-1, 3),
-        np.concatenate([p.cov_xyz_um2 for _, p in parts]).reshape(-1, 3, 3),
-        np.concatenate([p.confirmed for _, p in parts]),
-        np.concatenate([p.age_frames for _, p in parts]),
-        np.concatenate([p.hits for _, p in parts]),
-        np.concatenate([p.misses for _, p in parts]),
-        np.concatenate([p.localization_index for _, p in parts]),
-    )
-
-
-def _empty_table() -> TrackTable:
-    e = np.zeros(0, dtype=np.int64)
-    return TrackTable(
-        e,
-        np.zeros(0),
-        e,
-        np.zeros((0, 3)),
-        np.zeros((0, 3)),
-        np.zeros((0, 3, 3)),
-        np.zeros(0, dtype=bool),
-        e,
-        e,
-        e,
-        e,
-    )
+        parts.append((f, replace(res, localization_row=np.asarray(rows, dtype=np.int64))))
+    return TrackTable.from_frames(parts)
 
 
 # ------------------------------------------------------- tracking across focus moves

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from focaltrack.daemon import protocol as P
+from focaltrack.daemon import schemagen as S
 from focaltrack.daemon.protocol import ErrorCode, ProtocolError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,10 +29,10 @@ def _code(raw: bytes | str) -> ErrorCode:
 
 def test_shipped_schemas_are_current_and_valid() -> None:
     folder = REPO / "daemon" / "schemas"
-    for name, schema in P.all_schemas().items():
-        assert (folder / name).read_text("utf-8") == P.schema_text(schema), f"{name} is stale"
+    for name, schema in S.all_schemas().items():
+        assert (folder / name).read_text("utf-8") == S.schema_text(schema), f"{name} is stale"
         jsonschema.Draft202012Validator.check_schema(schema)
-    assert sorted(p.name for p in folder.glob("*.json")) == sorted(P.all_schemas())
+    assert sorted(p.name for p in folder.glob("*.json")) == sorted(S.all_schemas())
 
 
 def test_every_command_with_defaults() -> None:
@@ -310,5 +311,5 @@ def test_docs_cover_every_command_argument_code_and_field() -> None:
     for kind in P.EventKind:
         assert f"`{kind.value}`" in doc, kind
     for t in P.Topic:
-        for field in P.topic_schema(t)["properties"]:
+        for field in S.topic_schema(t)["properties"]:
             assert f"`{field}`" in doc, f"{t.value}.{field}"

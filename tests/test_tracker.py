@@ -51,7 +51,7 @@ def test_straight_line_is_one_track_with_the_right_velocity():
     assert last.cov_xyz_um2.shape == (3, 3)
     assert not last.xyz_um.flags.writeable  # results never alias the live state
     cols = tracker.update_frame(meas[-1][None] + v / FPS, t[-1] + 1 / FPS).as_columns()
-    assert cols["track_id"].tolist() == [1] and cols["confirmed"].tolist() == [True]
+    assert cols["track_id"].tolist() == [1] and cols["status"].tolist() == [TrackStatus.CONFIRMED.code]
     assert cols["sigma_z_um"][0] == pytest.approx(np.sqrt(last.cov_xyz_um2[2, 2]), rel=0.2)
     # filtered position is tighter than one localization, axis by axis
     assert np.all(np.sqrt(np.diag(last.cov_xyz_um2)) < SIGMA)
@@ -82,7 +82,7 @@ def test_crossing_emitters_keep_their_identities(angle_deg, seed):
         t = k / FPS
         truth = np.stack([v1 * (t - 0.5), normal + v2 * (t - 0.5)])
         frame = tracker.update_frame(truth + rng.normal(0.0, SIGMA, truth.shape), t)
-        for tid, li, conf in zip(frame.id, frame.localization_index, frame.confirmed, strict=True):
+        for tid, li, conf in zip(frame.id, frame.localization_row, frame.confirmed, strict=True):
             if li >= 0 and conf:
                 owner[int(li)].add(int(tid))
     assert all(len(ids) == 1 for ids in owner.values()), owner
@@ -103,7 +103,7 @@ def test_missed_detections_fewer_than_k_do_not_break_a_track():
         seen.add(tracks[0].id)
         if i in gap:
             assert tracks[0].misses == i - 19
-            assert tracks[0].localization_index == -1
+            assert tracks[0].localization_row == -1
             # the coasting track keeps moving with the emitter
             assert abs(tracks[0].xyz_um[0] - truth[i, 0]) < 2.0
     assert seen == {1}
@@ -217,7 +217,7 @@ def test_non_finite_localizations_are_rejected_counted_and_harmless():
     assert tracker.rejected_count == 3 * 30
     assert tracker.last_stats.n_rejected == 3
     (track,) = tracks
-    assert track.localization_index == 3  # index into the frame as given
+    assert track.localization_row == 3  # index into the frame as given
     assert np.all(np.isfinite(track.xyz_um)) and np.all(np.isfinite(track.cov_xyz_um2))
     assert np.all(np.abs(track.xyz_um - truth[-1]) < 2.0)
 
@@ -275,7 +275,7 @@ def test_scores_choose_which_localizations_survive_the_cap():
     tracker = KalmanTracker(cfg)
     z = np.array([[0.0, 0, 0], [10.0, 0, 0], [20.0, 0, 0]])
     (track,) = tracker.update(z, 0.0, scores=np.array([0.1, 0.9, 0.5]))
-    assert track.localization_index == 1  # the best score is born first
+    assert track.localization_row == 1  # the best score is born first
     assert tracker.last_stats.n_dropped == 1
 
 
@@ -361,7 +361,7 @@ def test_sparse_and_dense_assignment_agree(monkeypatch):
     assert n_dense > 100  # the scene really is ambiguous (last frame alone)
     for a, b in zip(dense, sparse, strict=True):
         np.testing.assert_array_equal(a.id, b.id)
-        np.testing.assert_array_equal(a.localization_index, b.localization_index)
+        np.testing.assert_array_equal(a.localization_row, b.localization_row)
         np.testing.assert_allclose(a.xyz_um, b.xyz_um)
 
 

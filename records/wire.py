@@ -1,0 +1,260 @@
+"""The wire form of the records: the ``loc`` and ``track`` PUB headers and their JSON Schemas.
+
+Every published header starts with the envelope (``schema_version``, ``topic``, ``seq``,
+``t_pub_s``); ``loc`` and ``track`` then carry the frame (``frame``, ``t_acq_s``,
+``stage_z_um``), ``n`` and one JSON array per wire column of their record
+(`focaltrack.records.columns.Column.wire`): floats as numbers (a non-finite value as null,
+JSON has no NaN), ints as integers, enums as their values. `LocHeader` and `TrackHeader` are
+the typed form of those headers (a test checks them against the generated schemas).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from typing import Any, Literal, NotRequired, TypedDict, cast
+
+from focaltrack.records.columns import Column, check_lengths, columns_of, to_columns
+from focaltrack.records.localizations import Localizations
+from focaltrack.records.tracks import Tracks
+
+__all__ = [
+    "WIRE_SCHEMA_VERSION",
+    "LocHeader",
+    "TrackHeader",
+    "envelope",
+    "loc_message",
+    "loc_schema",
+    "track_message",
+    "track_schema",
+]
+
+#: Version of every published header; raised only when a field changes meaning or goes.
+WIRE_SCHEMA_VERSION = 1
+
+
+class LocHeader(TypedDict):
+    """``loc``: one analysed frame's localizations, version 1."""
+
+    schema_version: Literal[1]
+    topic: Literal["loc"]
+    seq: int
+    t_pub_s: float
+    frame: int
+    t_acq_s: float
+    stage_z_um: float | None
+    n: int
+    x_um: list[float | None]
+    y_um: list[float | None]
+    z_um: list[float | None]
+    score: list[float | None]
+    model: NotRequired[str | None]
+    inference_s: NotRequired[float]
+
+
+class TrackHeader(TypedDict):
+    """``track``: the tracks alive at one frame, version 1."""
+
+    schema_version: Literal[1]
+    topic: Literal["track"]
+    seq: int
+    t_pub_s: float
+    frame: int
+    t_acq_s: float
+    stage_z_um: float | None
+    n: int
+    track_id: list[int]
+    x_um: list[float | None]
+    y_um: list[float | None]
+    z_um: list[float | None]
+    vx_um_s: list[float | None]
+    vy_um_s: list[float | None]
+    vz_um_s: list[float | None]
+    sigma_x_um: list[float | None]
+    sigma_y_um: list[float | None]
+    sigma_z_um: list[float | None]
+    status: list[Literal["tentative", "confirmed"]]
+    age_frames: list[int]
+    misses: list[int]
+    hits: NotRequired[list[int]]
+
+
+# ----------------------------------------------------------------------------- headers
+
+
+def envelope(topic: str, seq: int, t_pub_s: float | None) -> dict[str, Any]:
+    """The fields every published header starts with."""
+    return {
+        "schema_version": WIRE_SCHEMA_VERSION,
+        "topic": topic,
+        "seq": int(seq),
+        "t_pub_s": time.time() if t_pub_s is None else float(t_pub_s),
+    }
+
+
+def _frame(frame: int, t_acq_s: float, stage_z_um: float | None) -> dict[str, Any]:
+    z = None if stage_z_um is None or not math.isfinite(stage_z_um) else float(stage_z_um)
+    return {"frame": int(frame), "t_acq_s": float(t_acq_s), "stage_z_um": z}
+
+
+def _tolist(values: Any) -> list[Any]:
+    tolist = getattr(values, "tolist", None)
+    return list(tolist()) if tolist is not None else list(values)
+
+
+def _encode(c: Column, values: Any) -> list[Any]:
+    v = _tolist(values)
+    if c.kind == "float":
+        out: list[Any] = []
+        for x in v:
+            f = float(x)
+            out.append(f if math.isfinite(f) else None)
+        return out
+    if c.kind == "int":
+        return [int(x) for x in v]
+    assert c.enum is not None
+    members = list(c.enum)
+    # codes (the stored form) become values; strings are taken as values already
+    return [str(x) if isinstance(x, str) else str(members[int(x)].value) for x in v]
+
+
+def wire_columns(record: Any, cols: Mapping[str, Any]) -> dict[str, list[Any]]:
+    """The wire columns of a record class from ``cols`` (by field name; an optional column
+    may be absent), encoded for JSON; ValueError if their lengths differ."""
+    out: dict[str, list[Any]] = {}
+    for c in columns_of(record):
+        if c.wire is None or (c.wire == "optional" and c.name not in cols):
+            continue
+        out[c.name] = _encode(c, cols[c.name])
+    check_lengths(out)
+    return out
+
+
+def loc_message(
+    locs: Localizations | Mapping[str, Any],
+    *,
+    seq: int,
+    frame: int,
+    t_acq_s: float,
+    stage_z_um: float | None,
+    model: str | None = None,
+    inference_s: float | None = None,
+    t_pub_s: float | None = None,
+) -> LocHeader:
+    """The ``loc`` header of one frame's localizations (a record, or its columns by name)."""
+    cols = to_columns(locs) if isinstance(locs, Localizations) else locs
+    h = envelope("loc", seq, t_pub_s) | _frame(frame, t_acq_s, stage_z_um)
+    h |= wire_columns(Localizations, cols)
+    h["n"] = len(h["x_um"])
+    h["model"] = model
+    if inference_s is not None:
+        h["inference_s"] = float(inference_s)
+    return cast(LocHeader, h)
+
+
+def track_message(
+    tracks: Tracks | Mapping[str, Any],
+    *,
+    seq: int,
+    frame: int,
+    t_acq_s: float,
+    stage_z_um: float | None,
+    t_pub_s: float | None = None,
+) -> TrackHeader:
+    """The ``track`` header of the tracks alive at a frame (a record, or its columns)."""
+    cols = to_columns(tracks) if isinstance(tracks, Tracks) else tracks
+    h = envelope("track", seq, t_pub_s) | _frame(frame, t_acq_s, stage_z_um)
+    h |= wire_columns(Tracks, cols)
+    h["n"] = len(h["track_id"])
+    return cast(TrackHeader, h)
+
+
+# ----------------------------------------------------------------------------- schemas
+
+SCHEMA_ID = "https://focaltrack.invalid/schemas/"
+SCHEMA_DRAFT = "https://json-schema.org/draft/2020-12/schema"
+
+ENVELOPE_REQUIRED = ["schema_version", "topic", "seq", "t_pub_s"]
+_FRAME_REQUIRED = ["frame", "t_acq_s", "stage_z_um"]
+_FRAME_PROPS: dict[str, Any] = {
+    "frame": {"type": "integer", "minimum": 0, "description": "camera frame index"},
+    "t_acq_s": {"type": "number", "description": "acquisition time, UNIX epoch s"},
+    "stage_z_um": {
+        "type": ["number", "null"],
+        "description": "focus drive position at acquisition, µm (null if unknown)",
+    },
+}
+
+
+def envelope_props(topic: str) -> dict[str, Any]:
+    return {
+        "schema_version": {"const": WIRE_SCHEMA_VERSION},
+        "topic": {"const": topic},
+        "seq": {"type": "integer", "minimum": 0, "description": "per-topic counter from 0"},
+        "t_pub_s": {"type": "number", "description": "publish time, UNIX epoch s"},
+    }
+
+
+def schema_object(
+    props: dict[str, Any], required: list[str], title: str, name: str
+) -> dict[str, Any]:
+    """A closed object schema (no properties beyond ``props``) as a shipped file."""
+    return {
+        "$schema": SCHEMA_DRAFT,
+        "$id": SCHEMA_ID + name,
+        "title": title,
+        "type": "object",
+        "additionalProperties": False,
+        "required": required,
+        "properties": props,
+    }
+
+
+def column_schema(c: Column) -> dict[str, Any]:
+    """The JSON Schema of one wire column (an array, one item per row)."""
+    if c.kind == "float":
+        items: dict[str, Any] = {"type": ["number", "null"]}
+    elif c.kind == "int":
+        items = {"type": "integer", "minimum": 0}
+    else:
+        assert c.enum is not None
+        items = {"enum": [m.value for m in c.enum]}
+    return {"type": "array", "items": items}
+
+
+def _columns_schema(record: Any) -> tuple[dict[str, Any], list[str]]:
+    props, req = {}, []
+    for c in columns_of(record):
+        if c.wire is not None:
+            props[c.name] = column_schema(c)
+            if c.wire == "required":
+                req.append(c.name)
+    return props, req
+
+
+def loc_schema() -> dict[str, Any]:
+    """The JSON Schema of the ``loc`` header (shipped as ``loc.json``)."""
+    cols, cols_req = _columns_schema(Localizations)
+    props = envelope_props("loc") | _FRAME_PROPS
+    props["n"] = {"type": "integer", "minimum": 0, "description": "number of localizations"}
+    props |= cols
+    props["model"] = {"type": ["string", "null"], "description": "model that produced them"}
+    props["inference_s"] = {"type": "number", "minimum": 0}
+    req = [*ENVELOPE_REQUIRED, *_FRAME_REQUIRED, "n", *cols_req]
+    return schema_object(props, req, "loc: one analysed frame's localizations", "loc.json")
+
+
+def track_schema() -> dict[str, Any]:
+    """The JSON Schema of the ``track`` header (shipped as ``track.json``)."""
+    cols, cols_req = _columns_schema(Tracks)
+    props = envelope_props("track") | _FRAME_PROPS
+    props["n"] = {"type": "integer", "minimum": 0, "description": "number of tracks"}
+    props |= cols
+    req = [*ENVELOPE_REQUIRED, *_FRAME_REQUIRED, "n", *cols_req]
+    return schema_object(props, req, "track: the tracks alive at one frame", "track.json")
+
+
+def wire_float_columns(record: Any) -> tuple[str, ...]:
+    """Names of the record's float columns on the wire."""
+    return tuple(c.name for c in columns_of(record) if c.wire and c.kind == "float")
