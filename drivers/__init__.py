@@ -1,4 +1,4 @@
-"""The only code that touches a microscope: one driver over an MMCore-like core."""
+"""The only code that touches a microscope: the `Driver` Protocol and its implementations."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ from focaltrack.drivers.base import (
     Driver,
     DriverError,
     Frame,
+    SimulatorHooks,
     StageTimeoutError,
     StreamEnded,
 )
-from focaltrack.drivers.factory import open_driver
+from focaltrack.drivers.factory import open_driver, open_simulator
 from focaltrack.drivers.micromanager import MicroManagerDriver
+from focaltrack.drivers.replay import ReplayCamera
 from focaltrack.drivers.simcore import SimulatedCore
+from focaltrack.drivers.simulated import SimulatedMicroscope
 
 __all__ = [
     "CameraInfo",
@@ -22,8 +25,12 @@ __all__ = [
     "DriverError",
     "Frame",
     "MicroManagerDriver",
+    "ReplayCamera",
     "SimulatedCore",
+    "SimulatedMicroscope",
+    "SimulatorHooks",
     "StageTimeoutError",
     "StreamEnded",
     "open_driver",
+    "open_simulator",
 ]

@@ -1,13 +1,20 @@
-"""The driver boundary: one small Protocol, two implementations behind one driver class.
+"""The driver boundary: one small Protocol, and a second one for the simulator's extras.
 
-`MicroManagerDriver` (focaltrack.drivers.micromanager) works on any MMCore-like core:
-pycromanager's ``Core`` (real hardware) or ``SimulatedCore`` (focaltrack.drivers.simcore).
-Nothing outside this package knows which core it has.
+`Driver` is the only way in: `MicroManagerDriver` (focaltrack.drivers.micromanager) works on
+any MMCore-like core, pycromanager's ``Core`` (real hardware) or ``SimulatedCore``
+(focaltrack.drivers.simcore); `ReplayCamera` (focaltrack.drivers.replay) streams frames
+rendered beforehand. Callers hold a `Driver` and never reach into a core or its lock.
+
+`SimulatorHooks` is what only the simulated microscope can do (its ground truth, its sample):
+a caller that wants it checks ``isinstance(driver, SimulatorHooks)``, and a real microscope
+simply is not one. `focaltrack.drivers.factory.open_simulator` builds the simulated
+microscope from plain parameters.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -15,6 +22,9 @@ from focaltrack.common.errors import FocaltrackError
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from focaltrack.drivers.simcore import SimFrameTruth
+    from focaltrack.sim.scene import Scene
 
 
 class DriverError(FocaltrackError, RuntimeError):
@@ -73,6 +83,10 @@ class Driver(Protocol):
 
     def get_z(self) -> float: ...
 
+    def set_exposure_ms(self, exposure_ms: float) -> None:
+        """Set the camera exposure (a `DriverError` where the camera refuses it)."""
+        ...
+
     def snap(self, *, timeout_s: float = 5.0) -> Frame: ...
 
     def start_stream(self, interval_ms: float = 0.0, *, n_frames: int | None = None) -> None:
@@ -93,3 +107,21 @@ class Driver(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class SimulatorHooks(Protocol):
+    """What only the simulated microscope offers; check with ``isinstance(driver, ...)``."""
+
+    def frame_truths(self) -> list[SimFrameTruth]:
+        """Ground truth of the recent frames (emitters, focus, drift), oldest first."""
+        ...
+
+    def swap_scene(self, scene: Scene | None) -> Scene | None:
+        """Put ``scene`` (None: background only) in front of the camera; returns the old one."""
+        ...
+
+    def still_bead(self, photons: float) -> AbstractContextManager[None]:
+        """For a ``with`` block: one still bead in focus near the field centre instead of the
+        sample (what a calibration looks at), the sample back afterwards."""
+        ...

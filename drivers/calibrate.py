@@ -97,21 +97,8 @@ def z_grid(z_range_um: float, z_step_um: float) -> np.ndarray:
 
 
 def _set_exposure(driver: Driver, exposure_ms: float) -> None:
-    """Set the camera exposure through whatever the driver offers."""
-    setter = getattr(driver, "set_exposure_ms", None) or getattr(driver, "set_exposure", None)
-    if callable(setter):
-        setter(float(exposure_ms))
-        return
-    core = getattr(driver, "core", None)
-    lock = getattr(driver, "lock", None)
-    if core is not None and callable(getattr(core, "set_exposure", None)):
-        if lock is not None:
-            with lock:
-                core.set_exposure(float(exposure_ms))
-        else:
-            core.set_exposure(float(exposure_ms))
-        return
-    raise DriverError("this driver cannot set the camera exposure; set it in Micro-Manager")
+    """Set the camera exposure (kept for callers that import it; it is `Driver.set_exposure_ms`)."""
+    driver.set_exposure_ms(float(exposure_ms))
 
 
 def acquire_focal_stack(

@@ -1,6 +1,8 @@
 """`open_driver`: one call that gives a `MicroManagerDriver` over a simulated or a real core.
 
-* ``open_driver("sim", ...)``: a `SimulatedCore` built from the keyword options.
+* ``open_simulator(...)``: the simulated microscope (`SimulatedMicroscope`) from plain
+  parameters: the frame, the moving sample or one still bead, the stage. The one place it
+  is assembled; ``open_driver("sim", ...)`` is the same call.
 * ``open_driver("micromanager", mm_app_path=..., mm_config=...)``: MMCore in this process
   through pycromanager's Python backend (``start_headless(..., python_backend=True)``), then
   ``Core()``. ``buffer_size_mb`` sets the circular buffer (pycromanager's default is 1 GB).
@@ -14,13 +16,21 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from focaltrack.drivers.base import DriverError
 from focaltrack.drivers.micromanager import MicroManagerDriver
+from focaltrack.drivers.simcore import SimulatedCore
+from focaltrack.drivers.simulated import BEAD_OFFSET_PX, SimulatedMicroscope
 
-__all__ = ["DEFAULT_BUFFER_SIZE_MB", "DEFAULT_MM_PORT", "open_driver"]
+if TYPE_CHECKING:
+    from focaltrack.sim.optics import Optics
+    from focaltrack.sim.psf import PSFModel
+    from focaltrack.sim.scene import Motion, Scene
+
+__all__ = ["DEFAULT_BUFFER_SIZE_MB", "DEFAULT_MM_PORT", "open_driver", "open_simulator"]
 
 DEFAULT_BUFFER_SIZE_MB = 256
 DEFAULT_MM_PORT = 4827
@@ -44,15 +54,12 @@ def open_driver(
     z_tolerance_um: float = 0.05,
     **sim_options: Any,
 ) -> MicroManagerDriver:
-    """Open a driver; see the module docstring. ``sim_options`` go to `SimulatedCore`."""
+    """Open a driver; see the module docstring. ``sim_options`` go to `open_simulator`."""
     if kind == "sim":
         if mm_app_path is not None or mm_config is not None or attach:
             raise ValueError("mm_app_path, mm_config and attach are for kind='micromanager'")
-        from focaltrack.drivers.simcore import SimulatedCore
-
-        core = SimulatedCore(**sim_options)
-        return MicroManagerDriver(
-            core, pixel_size_um=pixel_size_um, z_tolerance_um=z_tolerance_um, on_close=core.close
+        return open_simulator(
+            pixel_size_um=pixel_size_um, z_tolerance_um=z_tolerance_um, **sim_options
         )
     if kind != "micromanager":
         raise ValueError(f"kind must be 'sim' or 'micromanager', got {kind!r}")
@@ -98,6 +105,79 @@ def open_driver(
         )
     except BaseException:
         stop()
+        raise
+
+
+def open_simulator(
+    *,
+    width: int = 512,
+    height: int = 512,
+    exposure_ms: float = 10.0,
+    pixel_size_um: float | None = None,
+    n_emitters: int = 0,
+    motion: Motion | str = "brownian",
+    diffusion_um2_s: float = 1.0,
+    velocity_um_s: float | Sequence[float] = 75.0,
+    z_range_um: tuple[float, float] = (0.0, 100.0),
+    bead_photons: float | None = None,
+    bead_xy_px: tuple[float, float] | None = None,
+    bead_z_um: float = 0.0,
+    seed: int = 0,
+    stage_speed_um_s: float = 2000.0,
+    drift_um_per_um: tuple[float, float] = (0.0, 0.0),
+    optics: Optics | None = None,
+    psf_model: PSFModel | None = None,
+    scene: Scene | None = None,
+    z_tolerance_um: float = 0.05,
+    **core_options: Any,
+) -> SimulatedMicroscope:
+    """The simulated microscope: a ``width`` × ``height`` px camera over the sample below.
+
+    The sample is, in this order of precedence: ``scene`` as given; one still bead of
+    ``bead_photons`` at ``bead_xy_px`` (default: the frame centre + `BEAD_OFFSET_PX`) and
+    depth ``bead_z_um`` (a calibration's); ``n_emitters`` moving emitters
+    (`focaltrack.sim.scene.Scene`: ``motion``, ``diffusion_um2_s``, ``velocity_um_s``) over
+    the whole frame and ``z_range_um``; none (background only) when ``n_emitters`` is 0.
+    Optics default to ``psf_model``'s, else the simulator's (with its aberrations); the PSF
+    library is loaded (or built once per machine) here, before any snap waits on it.
+    ``pixel_size_um`` is what the driver reports (None: the optics' sample pixel); other
+    ``core_options`` go to `SimulatedCore` (fault injection, buffer size, …).
+    """
+    from focaltrack.sim.optics import SIM_ABERRATIONS, Optics
+    from focaltrack.sim.scene import Scene
+
+    if optics is None:
+        optics = psf_model.optics if psf_model is not None else Optics(aberrations=SIM_ABERRATIONS)
+    px = optics.pixel_size_um
+    if scene is None and bead_photons is not None:
+        bx, by = bead_xy_px or (width / 2 + BEAD_OFFSET_PX[0], height / 2 + BEAD_OFFSET_PX[1])
+        scene = Scene.static([[bx * px, by * px, float(bead_z_um)]], float(bead_photons))
+    elif scene is None and n_emitters > 0:
+        scene = Scene(
+            field_um=(width * px, height * px),
+            z_range_um=(float(z_range_um[0]), float(z_range_um[1])),
+            n_emitters=n_emitters,
+            motion=motion,
+            diffusion_um2_s=diffusion_um2_s,
+            velocity_um_s=velocity_um_s,
+            seed=seed,
+        )
+    core = SimulatedCore(
+        scene,
+        optics=optics,
+        psf_model=psf_model,
+        width=width,
+        height=height,
+        exposure_ms=exposure_ms,
+        stage_speed_um_s=stage_speed_um_s,
+        drift_um_per_um=drift_um_per_um,
+        seed=seed,
+        **core_options,
+    )
+    try:
+        return SimulatedMicroscope(core, pixel_size_um=pixel_size_um, z_tolerance_um=z_tolerance_um)
+    except BaseException:
+        core.close()
         raise
 
 

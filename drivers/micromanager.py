@@ -6,7 +6,7 @@ core methods (snake_case, as both pycromanager backends expose them):
 
     get_camera_device, get_focus_device, get_image_width, get_image_height,
     get_bytes_per_pixel, get_image_bit_depth, get_pixel_size_um, get_exposure,
-    set_position, get_position, device_busy, snap_image, get_image,
+    set_exposure, set_position, get_position, device_busy, snap_image, get_image,
     start_continuous_sequence_acquisition, start_sequence_acquisition,
     get_remaining_image_count, pop_next_tagged_image, is_sequence_running,
     stop_sequence_acquisition, get_buffer_total_capacity, is_buffer_overflowed
@@ -249,6 +249,11 @@ class MicroManagerDriver:
             name=self._camera,
             focus_device=self._focus,
         )
+
+    def set_exposure_ms(self, exposure_ms: float) -> None:
+        self._check_open()
+        with self._locked() as core:
+            core.set_exposure(float(exposure_ms))
 
     # ----------------------------------------------------------------- focus
 

@@ -283,16 +283,12 @@ def sim_psf():
 
 
 def _sim_driver(psf_model, **kw):
-    from focaltrack.drivers.factory import open_driver
-    from focaltrack.sim.scene import Scene
+    from focaltrack.drivers.factory import open_simulator
 
     size = kw.pop("size", 160)
-    px = psf_model.optics.pixel_size_um
-    xy = kw.pop("bead_xy_px", (size / 2 + 0.3, size / 2 - 0.4))
-    photons = kw.pop("photons", 3.0e4)
     opts = dict(
-        scene=Scene.static([[xy[0] * px, xy[1] * px, 0.0]], photons),
-        optics=psf_model.optics,
+        bead_xy_px=kw.pop("bead_xy_px", (size / 2 + 0.3, size / 2 - 0.4)),
+        bead_photons=kw.pop("photons", 3.0e4),
         psf_model=psf_model,
         width=size,
         height=size,
@@ -300,7 +296,7 @@ def _sim_driver(psf_model, **kw):
         stage_speed_um_s=5000.0,
     )
     opts.update(kw)
-    return open_driver("sim", **opts)
+    return open_simulator(**opts)
 
 
 def test_acquire_steps_the_focus_and_returns_home(sim_psf):

@@ -17,9 +17,12 @@ from focaltrack.drivers import (
     Driver,
     DriverError,
     MicroManagerDriver,
+    ReplayCamera,
     SimulatedCore,
+    SimulatorHooks,
     StageTimeoutError,
     open_driver,
+    open_simulator,
 )
 from focaltrack.drivers.simcore import TaggedImage
 from focaltrack.sim.optics import Optics
@@ -526,3 +529,25 @@ def test_stop_stream_from_another_thread_ends_frames(sim):
     n = sum(1 for _ in drv.frames(timeout_s=1.0))
     timer.join()
     assert n > 0 and not drv.streaming
+
+
+def test_simulator_hooks_only_on_the_simulator():
+    """Simulator-only hooks sit behind `SimulatorHooks`; a replay camera is a plain `Driver`."""
+    with open_simulator(width=32, height=32, exposure_ms=1.0) as drv:
+        assert isinstance(drv, Driver) and isinstance(drv, SimulatorHooks)
+        assert drv.swap_scene(None) is None
+        drv.move_z(5.0)
+        with drv.still_bead(1000.0):
+            bead = drv.swap_scene(None)
+            assert bead is not None and len(bead) == 1
+            drv.swap_scene(bead)
+            (x, y, z), photons = bead.truth().xyz_um[0], bead.truth().photons[0]
+            px = drv.describe().pixel_size_um
+            assert (x / px, y / px, z) == pytest.approx((16.3, 15.8, 5.0))
+            assert photons == pytest.approx(1000.0)
+        assert drv.swap_scene(None) is None  # the sample (none) is back
+        drv.set_exposure_ms(2.5)
+        assert drv.describe().exposure_ms == pytest.approx(2.5)
+    replay = ReplayCamera(np.zeros((2, 16, 16), np.uint16), pixel_size_um=0.5)
+    assert isinstance(replay, Driver) and not isinstance(replay, SimulatorHooks)
+    replay.close()

@@ -15,7 +15,11 @@ import argparse
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from focaltrack.calibration import Calibration
+    from focaltrack.drivers.base import Driver
 
 log = logging.getLogger("focaltrack.calibrate")
 
@@ -225,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _acquire(args: argparse.Namespace) -> Any:
+def _acquire(args: argparse.Namespace) -> Calibration:
     from focaltrack.drivers.calibrate import acquire_focal_stack, calibration_from_raw, z_grid
     from focaltrack.drivers.factory import open_driver
 
@@ -236,7 +240,7 @@ def _acquire(args: argparse.Namespace) -> Any:
                 raise ValueError(f"--{opt.replace('_', '-')} is for --driver micromanager")
         if args.attach:
             raise ValueError("--attach is for --driver micromanager")
-        driver = _open_sim(args, open_driver)
+        driver: Driver = _open_sim(args)
         source = "sim"
     else:
         if args.attach:
@@ -292,32 +296,21 @@ def _acquire(args: argparse.Namespace) -> Any:
     )
 
 
-def _open_sim(args: argparse.Namespace, open_driver: Any) -> Any:
-    from focaltrack.sim.optics import SIM_ABERRATIONS, Optics
-    from focaltrack.sim.psf import PSFModel
-    from focaltrack.sim.scene import Scene
+def _open_sim(args: argparse.Namespace) -> Driver:
+    from focaltrack.drivers.factory import open_simulator
 
-    optics = Optics(aberrations=SIM_ABERRATIONS)
-    px = optics.pixel_size_um
     size = int(args.sim_size)
     if size < args.window:
         raise ValueError(f"--sim-size {size} px is smaller than the --window {args.window} px")
-    # One still bead in focus at z = 0, off the pixel grid on purpose: the calibration
-    # must find sub-pixel centres. Stage drift moves its image as the focus goes up.
-    bead = Scene.static(
-        [[(size / 2 + 0.3) * px, (size / 2 - 0.2) * px, 0.0]], float(args.sim_photons)
-    )
-    # The simulator's PSF library, loaded (or, the first time, built: ~20 s) before the
-    # first snap, so that no snap waits for it past its timeout.
-    model = PSFModel.shared(optics)
-    return open_driver(
-        "sim",
-        psf_model=model,
-        pixel_size_um=args.pixel_size,
-        scene=bead,
-        optics=optics,
+    # One still bead in focus at z = 0, off the pixel grid (the calibration must find
+    # sub-pixel centres). Stage drift moves its image as the focus goes up. The simulator's
+    # PSF library is loaded (or, the first time, built: ~20 s) before the first snap.
+    return open_simulator(
         width=size,
         height=size,
+        bead_photons=float(args.sim_photons),
+        bead_z_um=0.0,
+        pixel_size_um=args.pixel_size,
         stage_speed_um_s=float(args.sim_stage_speed),
         drift_um_per_um=SIM_DRIFT_UM_PER_UM,
         seed=int(args.sim_seed),
