@@ -19,8 +19,11 @@ from typing import Any
 import numpy as np
 
 from focaltrack.daemon.argtypes import positive_float, positive_int
+from focaltrack.records import Localizations, concat, csv_columns
+from focaltrack.records.columns import csv_rows
 
-COLUMNS = ("frame", "x_um", "y_um", "z_um", "score")
+#: The CSV header and the HDF5 datasets: the `Localizations` record's columns.
+COLUMNS = csv_columns(Localizations)
 
 
 def _unit_float(text: str) -> float:
@@ -146,7 +149,7 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
         return np.asarray(f[found[0]][()])
 
 
-def write_localizations(path: Path, locs: list[Any], attrs: dict[str, Any]) -> None:
+def write_localizations(path: Path, locs: list[Localizations], attrs: dict[str, Any]) -> None:
     """Write localizations (a list of `Localizations`) as CSV or HDF5, atomically."""
     import os
     import tempfile
@@ -163,9 +166,7 @@ def write_localizations(path: Path, locs: list[Any], attrs: dict[str, Any]) -> N
         if suffix == ".csv":
             with open(tmp, "w", newline="") as fh:
                 fh.write(",".join(COLUMNS) + "\n")
-                data = np.column_stack([cols[c] for c in COLUMNS]) if len(cols["frame"]) else None
-                if data is not None:
-                    np.savetxt(fh, data, fmt=["%d", "%.4f", "%.4f", "%.4f", "%.4f"], delimiter=",")
+                fh.writelines(",".join(row) + "\n" for row in csv_rows(Localizations, cols))
         else:
             import h5py
 
@@ -181,16 +182,10 @@ def write_localizations(path: Path, locs: list[Any], attrs: dict[str, Any]) -> N
         raise
 
 
-def _columns(locs: list[Any]) -> dict[str, np.ndarray]:
-    if not locs:
+def _columns(locs: list[Localizations]) -> dict[str, np.ndarray]:
+    if not locs:  # no record to take dtypes from: as files without rows always were
         return {c: np.zeros(0, dtype=np.int64 if c == "frame" else np.float64) for c in COLUMNS}
-    return {
-        "frame": np.concatenate([np.full(len(r), r.frame, dtype=np.int64) for r in locs]),
-        "x_um": np.concatenate([r.x_um for r in locs]),
-        "y_um": np.concatenate([r.y_um for r in locs]),
-        "z_um": np.concatenate([r.z_um for r in locs]),
-        "score": np.concatenate([r.score for r in locs]),
-    }
+    return concat(locs)
 
 
 def run(args: argparse.Namespace) -> int:

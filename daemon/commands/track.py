@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from focaltrack.daemon.argtypes import positive_float, positive_int
+from focaltrack.records import STATUS_CODES, Tracks, columns_of, csv_columns
+from focaltrack.records.columns import csv_rows
 
 if TYPE_CHECKING:
     from focaltrack.models.tracker import TrackerConfig, TrackTable
@@ -31,25 +33,8 @@ log = logging.getLogger("focaltrack.track")
 
 SCHEMA_VERSION = "1"
 REQUIRED = ("frame", "x_um", "y_um", "z_um")
-CSV_COLUMNS = (
-    "frame",
-    "t_s",
-    "track_id",
-    "x_um",
-    "y_um",
-    "z_um",
-    "vx_um_s",
-    "vy_um_s",
-    "vz_um_s",
-    "status",
-    "sigma_x_um",
-    "sigma_y_um",
-    "sigma_z_um",
-    "age_frames",
-    "hits",
-    "misses",
-    "localization_row",
-)
+#: The CSV header and the HDF5 datasets: the `Tracks` record's CSV columns.
+CSV_COLUMNS = csv_columns(Tracks)
 _MOTION_ALIASES = {
     "cv": "constant_velocity",
     "constant_velocity": "constant_velocity",
@@ -329,69 +314,19 @@ def write_tracks(
     return out
 
 
-def _columns(table: TrackTable) -> dict[str, np.ndarray]:
-    sig = np.sqrt(np.maximum(np.diagonal(table.cov_xyz_um2, axis1=1, axis2=2), 0.0))
-    return {
-        "frame": table.frame,
-        "t_s": table.t_s,
-        "track_id": table.track_id,
-        "x_um": table.xyz_um[:, 0],
-        "y_um": table.xyz_um[:, 1],
-        "z_um": table.xyz_um[:, 2],
-        "vx_um_s": table.velocity_um_s[:, 0],
-        "vy_um_s": table.velocity_um_s[:, 1],
-        "vz_um_s": table.velocity_um_s[:, 2],
-        "status": table.confirmed,
-        "sigma_x_um": sig[:, 0],
-        "sigma_y_um": sig[:, 1],
-        "sigma_z_um": sig[:, 2],
-        "age_frames": table.age_frames,
-        "hits": table.hits,
-        "misses": table.misses,
-        "localization_row": table.localization_row,
-    }
-
-
 def _write_csv(table: TrackTable, path: Path) -> None:
-    cols = _columns(table)
-    text = {}
-    for name, v in cols.items():
-        if name == "status":
-            text[name] = np.where(v, "confirmed", "tentative").tolist()
-        elif v.dtype.kind in "iub":
-            text[name] = v.astype(np.int64).tolist()
-        else:
-            text[name] = (
-                [repr(float(x)) for x in v.tolist()]
-                if name == "t_s"
-                else [f"{x:.6g}" for x in v.tolist()]
-            )
     with path.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(CSV_COLUMNS)
-        w.writerows(zip(*(text[c] for c in CSV_COLUMNS), strict=True))
-
-
-_UNITS = {
-    "t_s": "s",
-    "x_um": "um",
-    "y_um": "um",
-    "z_um": "um",
-    "vx_um_s": "um/s",
-    "vy_um_s": "um/s",
-    "vz_um_s": "um/s",
-    "sigma_x_um": "um",
-    "sigma_y_um": "um",
-    "sigma_z_um": "um",
-    "cov_xyz_um2": "um^2",
-}
+        w.writerows(csv_rows(Tracks, table.record().columns()))
 
 
 def _write_h5(table: TrackTable, path: Path, config: TrackerConfig, meta: dict[str, Any]) -> None:
     import h5py
 
-    cols = _columns(table)
-    status_t = h5py.enum_dtype({"tentative": 0, "confirmed": 1}, basetype="u1")
+    cols = table.record().columns()
+    units = {c.name: c.unit.replace("µ", "u") for c in columns_of(Tracks)}  # ASCII attributes
+    status_t = h5py.enum_dtype(STATUS_CODES, basetype="u1")
     with h5py.File(path, "w") as f:
         g = f.create_group("tracks")
         g.attrs["schema_version"] = SCHEMA_VERSION
@@ -407,10 +342,10 @@ def _write_h5(table: TrackTable, path: Path, config: TrackerConfig, meta: dict[s
                 ds = g.create_dataset(name, data=v.astype(np.uint8), dtype=status_t)
             else:
                 ds = g.create_dataset(name, data=v)
-            if name in _UNITS:
-                ds.attrs["units"] = _UNITS[name]
+            if units[name]:
+                ds.attrs["units"] = units[name]
         ds = g.create_dataset("cov_xyz_um2", data=table.cov_xyz_um2)
-        ds.attrs["units"] = _UNITS["cov_xyz_um2"]
+        ds.attrs["units"] = "um^2"
 
 
 def _config_dict(config: TrackerConfig) -> dict[str, Any]:
