@@ -42,35 +42,13 @@ from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.psf_fit import PSFFit, PSFFitter
 from focaltrack.calibration import Calibration
 from focaltrack.calibration.preprocess import Preprocess
+from focaltrack.records import Localizations as Localizations  # the localizer's result type
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative
 
 
 class LocalizerError(FocaltrackError, ValueError):
     """Frames or settings the model cannot be applied to: the message says why."""
-
-
-@dataclass(frozen=True, slots=True)
-class Localizations:
-    """All emitters found in one frame, as columns (µm; score in [0, 1])."""
-
-    frame: int
-    x_um: np.ndarray
-    y_um: np.ndarray
-    z_um: np.ndarray
-    score: np.ndarray
-
-    @property
-    def xyz_um(self) -> np.ndarray:
-        return np.stack([self.x_um, self.y_um, self.z_um], axis=1).reshape(-1, 3)
-
-    def __len__(self) -> int:
-        return len(self.x_um)
-
-    @classmethod
-    def empty(cls, frame: int) -> Localizations:
-        z = np.zeros(0, dtype=np.float64)
-        return cls(frame, z, z.copy(), z.copy(), z.copy())
 
 
 @dataclass(frozen=True, slots=True)
