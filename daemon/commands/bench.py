@@ -47,9 +47,10 @@ import numpy as np
 
 from focaltrack.drivers.base import Driver
 from focaltrack.drivers.replay import ReplayCamera
+from focaltrack.sim.scene import render_flow_frames
 
 if TYPE_CHECKING:
-    from focaltrack.sim.psf import PSFModel
+    pass
 
 log = logging.getLogger("focaltrack.bench")
 
@@ -58,49 +59,6 @@ FLOW_UM_S = 75.0
 REPLAY_FRAMES = 100
 LOCALIZER_FRAMES = 20
 WARMUP_S = 2.0
-# =========================================================================== scene frames
-
-
-def render_scene_frames(
-    size_px: int,
-    n_emitters: int,
-    n_frames: int,
-    frame_period_s: float,
-    *,
-    psf_model: PSFModel,
-    seed: int = 0,
-) -> tuple[np.ndarray, list[float]]:
-    """Frames of emitters flowing at 75 µm/s (defocus 0–100 µm), as the simulated camera
-    renders them, and the render time of each (s)."""
-    from focaltrack.sim.optics import CameraModel
-    from focaltrack.sim.scene import Scene, render_frame
-
-    px = psf_model.pixel_size_um
-    scene = Scene(
-        field_um=(size_px * px, size_px * px),
-        z_range_um=(-100.0, 0.0),
-        n_emitters=n_emitters,
-        motion="flow",
-        velocity_um_s=(FLOW_UM_S, 0.0, 0.0),
-        diffusion_um2_s=1.0,
-        seed=seed,
-    )
-    camera = CameraModel()
-    rng = np.random.default_rng(seed)
-    out = np.empty((n_frames, size_px, size_px), dtype=np.uint16)
-    times: list[float] = []
-    for i in range(n_frames):
-        if i:
-            scene.step(frame_period_s)
-        t = time.perf_counter()
-        img, _ = render_frame(
-            scene.truth(), psf_model, camera, rng, 0.0, (size_px, size_px), background_photons=20.0
-        )
-        times.append(time.perf_counter() - t)
-        out[i] = img
-    return out, times
-
-
 # =========================================================================== results
 
 
@@ -366,8 +324,8 @@ def run_bench(
     results: list[SizeResult] = []
     for size in sizes:
         say(f"  {size}×{size}: rendering {REPLAY_FRAMES} frames ...")
-        frames, render_s = render_scene_frames(
-            size, n_emitters, REPLAY_FRAMES, period_s, psf_model=psf
+        frames, render_s = render_flow_frames(
+            size, n_emitters, REPLAY_FRAMES, period_s, psf_model=psf, velocity_um_s=FLOW_UM_S
         )
         render_ms = float(np.median(render_s) * 1000.0)
         say(f"  {size}×{size}: localizer alone ...")
