@@ -1,12 +1,11 @@
 """``focaltrack evaluate-tracking``: score the Kalman tracker on simulated scenes.
 
-Ground truth comes from `focaltrack.sim.scene.Scene` (Brownian motion, directed flow at
-75 µm/s, a small field where emitters keep entering and leaving) and from pairs of emitters
-on crossing straight paths built here. Localizations are the truth plus Gaussian noise
-(lateral and axial σ), with missed detections and uniformly scattered false positives —
-no images, so this isolates the tracker from the localizer. Writes ``results.json`` and
-``README.md`` into ``--out`` and prints a table, plus the time of one tracker update with
-200 live tracks and 200 localizations. See docs/tracking.md.
+The scenes and the simulated localizer are `focaltrack.sim.tracking_scenes` (Brownian
+motion, directed flow at 75 µm/s, emitters entering and leaving, crossing paths; noise,
+misses and false positives, no images); simulating, tracking and scoring one scene is
+`focaltrack.models.tracking_benchmark.evaluate_scene`. This command parses the options,
+writes ``results.json`` and ``README.md`` into ``--out`` and prints a table, plus the time of
+one tracker update with 200 live tracks and 200 localizations. See docs/tracking.md.
 """
 
 from __future__ import annotations
@@ -15,31 +14,21 @@ import argparse
 import json
 import logging
 import math
-import platform
 import sys
-import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import numpy as np
-
+from focaltrack.common.files import fmt, json_default, write_text_atomic
 from focaltrack.daemon.argtypes import positive_float, positive_int
 from focaltrack.daemon.commands.track import (
-    _config_dict,
     _non_negative_float,
     add_tracker_arguments,
     config_from_args,
 )
-
-if TYPE_CHECKING:
-    from focaltrack.models.tracker import TrackerConfig
-    from focaltrack.models.tracking_metrics import Trajectories
+from focaltrack.sim.tracking_scenes import SCENES
 
 log = logging.getLogger("focaltrack.evaluate_tracking")
-
-SCENES = ("brownian", "flow", "enter_leave", "crossing")
-SPEED_UM_S = 75.0  # seed 002: zebrafish blood cells
 
 
 def _scene_list(text: str) -> tuple[str, ...]:
@@ -111,232 +100,9 @@ def register(sub: Any) -> None:
     p.set_defaults(func=run)
 
 
-# --------------------------------------------------------------------------- scenes
-def simulate(name: str, frames: int, fps: float, seed: int) -> tuple[Trajectories, dict]:
-    """Ground truth of one named scene: trajectories and a description."""
-    from focaltrack.models.tracking_metrics import Trajectories
-    from focaltrack.sim.scene import Motion, Scene
-
-    if name == "crossing":
-        return _crossing(frames, fps, seed)
-    a = np.deg2rad(20.0)
-    flow_v = SPEED_UM_S * np.array([math.cos(a), math.sin(a), 0.0])
-    if name == "brownian":
-        kw: dict[str, Any] = dict(
-            field_um=(60.0, 60.0),
-            z_range_um=(0.0, 20.0),
-            n_emitters=20,
-            motion=Motion.BROWNIAN,
-            diffusion_um2_s=1.0,
-        )
-    elif name == "flow":
-        kw = dict(
-            field_um=(200.0, 200.0),
-            z_range_um=(0.0, 30.0),
-            n_emitters=20,
-            motion=Motion.FLOW,
-            velocity_um_s=flow_v,
-            diffusion_um2_s=0.1,
-        )
-    elif name == "enter_leave":
-        kw = dict(
-            field_um=(40.0, 40.0),
-            z_range_um=(0.0, 20.0),
-            n_emitters=10,
-            motion=Motion.FLOW,
-            velocity_um_s=flow_v,
-            diffusion_um2_s=0.1,
-        )
-    else:
-        raise ValueError(f"unknown scene {name!r}; choose from {', '.join(SCENES)}")
-    scene = Scene(**kw, seed=seed)
-    fr, ids, xyz = [], [], []
-    gt = scene.truth()
-    for k in range(frames):
-        if k:
-            gt = scene.step(1.0 / fps)
-        fr.append(np.full(len(gt), k))
-        ids.append(gt.ids)
-        xyz.append(gt.xyz_um)
-    truth = Trajectories.of(np.concatenate(fr), np.concatenate(ids), np.concatenate(xyz))
-    info = {
-        "motion": scene.motion.value,
-        "box_um": [scene.lo.tolist(), scene.hi.tolist()],
-        "n_emitters": int(kw["n_emitters"]),
-        "diffusion_um2_s": float(kw["diffusion_um2_s"]),
-        "velocity_um_s": scene.velocity_um_s.tolist() if scene.motion is Motion.FLOW else None,
-        "entered": int(scene.entered_total),
-        "left": int(scene.left_total),
-    }
-    return truth, info
-
-
-def _crossing(frames: int, fps: float, seed: int) -> tuple[Trajectories, dict]:
-    """Pairs of emitters at 75 µm/s on straight paths that pass 1 µm apart at one depth."""
-    from focaltrack.models.tracking_metrics import Trajectories
-
-    rng = np.random.default_rng(seed)
-    n_pairs, spacing, approach = 8, 80.0, 1.0
-    t = np.arange(frames) / fps
-    fr, ids, xyz = [], [], []
-    for i in range(n_pairs):
-        centre = np.array([(i % 4) * spacing, (i // 4) * spacing, rng.uniform(0, 30)])
-        ang = np.deg2rad(rng.uniform(20.0, 180.0))
-        rot = rng.uniform(0, 2 * np.pi)
-        d1 = np.array([math.cos(rot), math.sin(rot), 0.0])
-        d2 = np.array([math.cos(rot + ang), math.sin(rot + ang), 0.0])
-        v1, v2 = SPEED_UM_S * d1, SPEED_UM_S * d2
-        normal = np.cross(v1 - v2, [0.0, 0.0, 1.0])
-        normal *= approach / np.linalg.norm(normal)
-        t_cross = t[len(t) // 2] + rng.uniform(-0.2, 0.2) * t[-1]
-        for j, (v, off) in enumerate(((v1, 0.0 * normal), (v2, normal))):
-            fr.append(np.arange(frames))
-            ids.append(np.full(frames, 2 * i + j))
-            xyz.append(centre + off + (t - t_cross)[:, None] * v)
-    truth = Trajectories.of(np.concatenate(fr), np.concatenate(ids), np.concatenate(xyz))
-    lo, hi = truth.xyz_um.min(axis=0), truth.xyz_um.max(axis=0)
-    info = {
-        "motion": "crossing",
-        "box_um": [lo.tolist(), hi.tolist()],
-        "n_emitters": 2 * n_pairs,
-        "speed_um_s": SPEED_UM_S,
-        "closest_approach_um": approach,
-        "crossing_angles_deg": "uniform 20–180",
-    }
-    return truth, info
-
-
-def observe(
-    truth: Trajectories,
-    frames: int,
-    rng: np.random.Generator,
-    sigma_um: tuple[float, float],
-    miss_probability: float,
-    false_positives: float,
-    box_um: tuple[np.ndarray, np.ndarray],
-) -> tuple[np.ndarray, np.ndarray]:
-    """A simulated localizer's output: (frame, xyz) with noise, misses and false positives."""
-    keep = rng.random(len(truth)) >= miss_probability
-    sig = np.array([sigma_um[0], sigma_um[0], sigma_um[1]])
-    xyz = truth.xyz_um[keep] + rng.normal(0.0, sig, (int(keep.sum()), 3))
-    fr = truth.frame[keep]
-    n_fp = rng.poisson(false_positives, frames)
-    lo, hi = box_um
-    fp_xyz = lo + rng.random((int(n_fp.sum()), 3)) * (hi - lo)
-    fp_fr = np.repeat(np.arange(frames), n_fp)
-    frame = np.concatenate([fr, fp_fr])
-    xyz = np.concatenate([xyz, fp_xyz])
-    order = np.argsort(frame, kind="stable")
-    return frame[order], xyz[order]
-
-
-def evaluate_scene(
-    name: str,
-    config: TrackerConfig,
-    *,
-    frames: int,
-    fps: float,
-    seed: int,
-    sigma_um: tuple[float, float],
-    miss_probability: float,
-    false_positives: float,
-    tolerance_um: float,
-) -> dict[str, Any]:
-    """Simulate, track and score one scene."""
-    from focaltrack.models.tracker import KalmanTracker, link_table
-    from focaltrack.models.tracking_metrics import (
-        Trajectories,
-        chenouard,
-        clear_mot,
-        smoothing_gain,
-    )
-
-    truth, info = simulate(name, frames, fps, seed)
-    rng = np.random.default_rng([seed, SCENES.index(name)])
-    box = (np.asarray(info["box_um"][0]), np.asarray(info["box_um"][1]))
-    loc_frame, loc_xyz = observe(
-        truth, frames, rng, sigma_um, miss_probability, false_positives, box
-    )
-    tracker = KalmanTracker(config)
-    t0 = time.perf_counter()
-    table = link_table(loc_frame, loc_xyz, fps=fps, tracker=tracker, frame_range=(0, frames - 1))
-    wall = time.perf_counter() - t0
-    conf = table.select(table.confirmed)
-    est = Trajectories.of(conf.frame, conf.track_id, conf.xyz_um)
-    mot = clear_mot(truth, est, tolerance_um)
-    ch = chenouard(truth, est, tolerance_um)
-    gain = smoothing_gain(truth, est, loc_frame, loc_xyz, tolerance_um)
-    return {
-        "scene": name,
-        "scene_info": info,
-        "motion_model": config.motion.value,
-        "tracker_config": _config_dict(config),
-        "frames": frames,
-        "fps": fps,
-        "n_truth_tracks": len(np.unique(truth.id)),
-        "n_localizations": len(loc_frame),
-        "n_tracks_started": len(np.unique(table.track_id)),
-        "n_tracks_confirmed": len(np.unique(conf.track_id)),
-        "clear_mot": mot.summary(),
-        "chenouard": ch.summary(),
-        "smoothing": gain.summary(),
-        "tracker_ms_per_frame": 1e3 * wall / frames,
-    }
-
-
-def time_update(
-    config: TrackerConfig, *, n: int = 200, iterations: int = 300, fps: float = 100.0, seed: int = 0
-) -> dict[str, Any]:
-    """Time one update with ``n`` live confirmed tracks and ``n`` localizations."""
-    from focaltrack.models.tracker import KalmanTracker
-
-    rng = np.random.default_rng(seed)
-    start = rng.uniform(0, 200, (n, 3)) * [1, 1, 0.25]
-    v = rng.normal(size=(n, 3))
-    v *= SPEED_UM_S / np.linalg.norm(v, axis=1, keepdims=True)
-    sig = np.array([config.sigma_lateral_um, config.sigma_lateral_um, config.sigma_axial_um])
-    warm = 10
-    total = warm + 2 * iterations
-    zs = [start + v * (k / fps) + rng.normal(0, sig, (n, 3)) for k in range(total)]
-    tracker = KalmanTracker(config)
-    for k in range(warm):
-        tracker.update_frame(zs[k], k / fps)
-    cols, objs = [], []
-    for k in range(warm, total):
-        t0 = time.perf_counter()
-        if k % 2:
-            tracker.update(zs[k], k / fps)
-            objs.append(time.perf_counter() - t0)
-        else:
-            tracker.update_frame(zs[k], k / fps)
-            cols.append(time.perf_counter() - t0)
-    live = len(tracker)
-
-    def stats(v: list[float]) -> dict[str, float]:
-        a = np.asarray(v) * 1e3
-        return {
-            "median_ms": float(np.median(a)),
-            "p90_ms": float(np.percentile(a, 90)),
-            "p99_ms": float(np.percentile(a, 99)),
-        }
-
-    return {
-        "tracks": live,
-        "localizations": n,
-        "iterations": iterations,
-        "update_frame": stats(cols),
-        "update": stats(objs),
-        "cpu": platform.processor() or platform.machine(),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-    }
-
-
 # --------------------------------------------------------------------------- report
 def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return "nan" if math.isnan(v) else f"{v:.3f}"
-    return str(v)
+    return fmt(v, ".3f", missing="nan")
 
 
 ROWS = (
@@ -453,13 +219,16 @@ def run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"{out} exists and is not a directory")
     out.mkdir(parents=True, exist_ok=True)
+    from focaltrack.models.tracker import MotionModel
+    from focaltrack.models.tracking_benchmark import evaluate_scene, time_update
+
     # the tracker is told the simulated noise unless --model-noise says otherwise
     base = config_from_args(args, sigma_lateral_um=noise[0], sigma_axial_um=noise[1])
     results = []
     for name in args.scenes:
         cfg = base
         if args.motion is None and name == "brownian":
-            cfg = replace(base, motion="random_walk")
+            cfg = replace(base, motion=MotionModel.RANDOM_WALK)
         if args.diffusion_um2_s is None and name == "brownian":
             cfg = replace(cfg, diffusion_um2_s=1.0)
         log.info("scene %s: %d frames", name, args.frames)
@@ -491,16 +260,10 @@ def run(args: argparse.Namespace) -> int:
         "scenes": results,
         "timing": timing,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=2, default=_jsonable) + "\n")
-    (out / "README.md").write_text(markdown(report))
+    # not strict JSON: a NaN score (an empty scene's MOTA) stays NaN, as Python reads it
+    text = json.dumps(report, indent=2, default=json_default) + "\n"
+    write_text_atomic(out / "results.json", text)
+    write_text_atomic(out / "README.md", markdown(report))
     print(summary_text(report))
     print(f"report: {out / 'README.md'}", file=sys.stdout)
     return 0
-
-
-def _jsonable(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
