@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field, replace
+from typing import Any
 
 import numpy as np
 import torch
@@ -458,7 +459,7 @@ class Synthesizer:
     def windows_per_s(self) -> float:
         return self.windows_drawn / self.seconds if self.seconds > 0 else float("nan")
 
-    def with_config(self, **changes: object) -> Synthesizer:
+    def with_config(self, **changes: Any) -> Synthesizer:
         return Synthesizer(
             self.calibration, replace(self.config, **changes), self.device, self.seed
         )
