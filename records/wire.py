@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Mapping
-from typing import Any, Literal, NotRequired, TypedDict, cast
+from typing import Any, Literal, TypedDict, cast
 
 from focaltrack.records.columns import Column, check_lengths, columns_of, to_columns
 from focaltrack.records.localizations import Localizations
@@ -34,9 +34,9 @@ __all__ = [
 WIRE_SCHEMA_VERSION = 1
 
 
-class LocHeader(TypedDict):
-    """``loc``: one analysed frame's localizations, version 1."""
-
+# The optional keys go in a total=False subclass: with postponed annotations Python cannot
+# see NotRequired[...] when it builds the TypedDict, so __required_keys__ would list them.
+class _LocRequired(TypedDict):
     schema_version: Literal[1]
     topic: Literal["loc"]
     seq: int
@@ -49,13 +49,16 @@ class LocHeader(TypedDict):
     y_um: list[float | None]
     z_um: list[float | None]
     score: list[float | None]
-    model: NotRequired[str | None]
-    inference_s: NotRequired[float]
 
 
-class TrackHeader(TypedDict):
-    """``track``: the tracks alive at one frame, version 1."""
+class LocHeader(_LocRequired, total=False):
+    """``loc``: one analysed frame's localizations, version 1."""
 
+    model: str | None
+    inference_s: float
+
+
+class _TrackRequired(TypedDict):
     schema_version: Literal[1]
     topic: Literal["track"]
     seq: int
@@ -77,7 +80,12 @@ class TrackHeader(TypedDict):
     status: list[Literal["tentative", "confirmed"]]
     age_frames: list[int]
     misses: list[int]
-    hits: NotRequired[list[int]]
+
+
+class TrackHeader(_TrackRequired, total=False):
+    """``track``: the tracks alive at one frame, version 1."""
+
+    hits: list[int]
 
 
 # ----------------------------------------------------------------------------- headers
