@@ -1,5 +1,6 @@
-"""The wire of the service: the sockets (ROUTER for control, PUB for data), CURVE, and the
-control thread that reads requests and dispatches them through a handler table.
+"""The wire of the service: the control socket (ROUTER, made by `Transport` with CURVE
+when configured) and the control thread that reads requests and dispatches them through a
+handler table.
 
 ``focaltrack-control`` owns the ROUTER socket: it reads requests, answers the quick ones
 (``inline``: status, job, cancel) at once and hands every other one to a small worker pool,
@@ -25,8 +26,6 @@ from typing import TYPE_CHECKING, Any
 
 import zmq
 
-from focaltrack.common.errors import FocaltrackError
-from focaltrack.daemon.config import ConfigError
 from focaltrack.daemon.protocol import (
     ErrorCode,
     ProtocolError,
@@ -41,12 +40,12 @@ from focaltrack.daemon.workspace import NotFound, WorkspaceError
 from focaltrack.drivers.base import DriverError
 
 if TYPE_CHECKING:
-    from focaltrack.daemon.config import NetworkConfig
     from focaltrack.daemon.metrics import ServiceMetrics
+    from focaltrack.daemon.transport import Transport
 
 log = logging.getLogger("focaltrack.service")
 
-__all__ = ["HEARTBEAT_S", "ControlServer", "Handler", "ServiceError", "zmq_endpoint"]
+__all__ = ["HEARTBEAT_S", "ControlServer", "Handler"]
 
 HEARTBEAT_S = 1.0
 
@@ -54,22 +53,9 @@ HEARTBEAT_S = 1.0
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
 
-class ServiceError(FocaltrackError, RuntimeError):
-    """The service could not start (the message says why)."""
-
-
-def zmq_endpoint(host: str, port: int) -> str:
-    h = host.strip()
-    if h == "localhost":
-        h = "127.0.0.1"
-    if ":" in h and not h.startswith("["):
-        h = f"[{h}]"
-    return f"tcp://{h}:{port if port else '*'}"
-
-
 class ControlServer:
-    """The sockets and the control thread. `bind`, hand `pub_socket` to the publisher,
-    `start`; at the end `join` (after ``closing`` is set) and `close`."""
+    """The control socket and thread: `bind`, `start`; at the end `join` (after
+    ``closing`` is set) and `close`."""
 
     def __init__(
         self,
@@ -87,10 +73,7 @@ class ControlServer:
         self._closing = closing
         self._tick = tick
         self._on_crash = on_crash
-        self._ctx: zmq.Context[Any] | None = None
-        self._auth: Any = None
         self._router: zmq.Socket[bytes] | None = None
-        self._pub: zmq.Socket[bytes] | None = None
         self._wake_rx: zmq.Socket[bytes] | None = None
         self._wake_tx: zmq.Socket[bytes] | None = None
         self._wake_lock = threading.Lock()
@@ -98,70 +81,18 @@ class ControlServer:
         self._executor: ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
 
-    @property
-    def pub_socket(self) -> zmq.Socket[bytes]:
-        assert self._pub is not None, "bind first"
-        return self._pub
-
     # ------------------------------------------------------------------ sockets
-    def bind(self, net: NetworkConfig) -> tuple[str, str]:
-        """Create and bind the control and publish sockets (CURVE servers when
-        ``net.curve_server_secret_file`` is set); returns their bound endpoints. Raises
-        `ConfigError` (unreadable keys) or `ServiceError` (cannot bind); `close` cleans up."""
-        self._ctx = zmq.Context()
-        ctx = self._ctx
-        curve = bool(net.curve_server_secret_file)
-        public = secret = None
-        if curve:
-            from zmq.auth import load_certificate
-            from zmq.auth.thread import ThreadAuthenticator
-
-            try:
-                public, secret = load_certificate(net.curve_server_secret_file)
-            except (OSError, ValueError) as e:
-                raise ConfigError(
-                    f"network.curve_server_secret_file: cannot read {net.curve_server_secret_file}"
-                    f": {e}"
-                ) from e
-            if secret is None:
-                raise ConfigError(
-                    f"network.curve_server_secret_file: {net.curve_server_secret_file} holds no "
-                    "secret key (use the .key_secret file from zmq.auth.create_certificates)"
-                )
-            self._auth = ThreadAuthenticator(ctx)
-            self._auth.start()
-            self._auth.configure_curve(domain="*", location=net.curve_allowed_clients_dir)
-        ipv6 = ":" in net.bind
-
-        def make(kind: int) -> zmq.Socket[bytes]:
-            s = ctx.socket(kind)
-            s.setsockopt(zmq.LINGER, 0)
-            if ipv6:
-                s.setsockopt(zmq.IPV6, 1)
-            if curve:
-                s.curve_secretkey = secret
-                s.curve_publickey = public
-                s.curve_server = True
-            return s
-
-        def bind(s: zmq.Socket[bytes], port: int, what: str) -> str:
-            ep = zmq_endpoint(net.bind, port)
-            try:
-                s.bind(ep)
-            except zmq.ZMQError as e:
-                raise ServiceError(f"cannot bind the {what} socket to {ep}: {e}") from e
-            return s.getsockopt_string(zmq.LAST_ENDPOINT)
-
-        self._router = make(zmq.ROUTER)
-        self._router.setsockopt(zmq.RCVHWM, 1000)
+    def bind(self, transport: Transport, port: int) -> str:
+        """Create and bind the ROUTER socket and the inproc wake-up pair; the bound
+        endpoint. Raises `ServiceError` (cannot bind); `close` cleans up."""
+        router = self._router = transport.socket(zmq.ROUTER)
+        router.setsockopt(zmq.RCVHWM, 1000)
         # Requests are small (the protocol answers bad_request above 64 KiB); a peer sending
         # more than 16 MiB in one message is disconnected instead of buffered.
-        self._router.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
-        self._router.setsockopt(zmq.SNDHWM, 1000)
-        control = bind(self._router, net.control_port, "control")
-        self._pub = make(zmq.PUB)
-        self._pub.setsockopt(zmq.SNDHWM, net.pub_hwm)
-        pub = bind(self._pub, net.pub_port, "publish")
+        router.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        router.setsockopt(zmq.SNDHWM, 1000)
+        endpoint = transport.bind(router, port, "control")
+        ctx = transport.ctx
         self._wake_rx = ctx.socket(zmq.PAIR)
         self._wake_rx.setsockopt(zmq.LINGER, 0)
         addr = f"inproc://focaltrack-wake-{id(self)}"
@@ -169,27 +100,18 @@ class ControlServer:
         self._wake_tx = ctx.socket(zmq.PAIR)
         self._wake_tx.setsockopt(zmq.LINGER, 0)
         self._wake_tx.connect(addr)
-        return control, pub
+        return endpoint
 
     def close(self) -> None:
-        """Close every socket and the context (the publisher has detached the PUB socket)."""
+        """Close the sockets (the control thread has ended)."""
         with self._wake_lock:  # worker threads wake the control loop under it
             tx, self._wake_tx = self._wake_tx, None
         router, self._router = self._router, None
-        pub, self._pub = self._pub, None
         rx, self._wake_rx = self._wake_rx, None
-        for sock in (router, pub, rx, tx):
+        for sock in (router, rx, tx):
             if sock is not None:
                 with contextlib.suppress(Exception):
                     sock.close(linger=0)
-        if self._auth is not None:
-            with contextlib.suppress(Exception):
-                self._auth.stop()
-            self._auth = None
-        if self._ctx is not None:
-            with contextlib.suppress(Exception):
-                self._ctx.term()
-            self._ctx = None
 
     # ------------------------------------------------------------------ thread
     def start(self) -> None:

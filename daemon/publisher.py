@@ -2,13 +2,14 @@
 per-topic sequence numbers, events and heartbeats.
 
 A ZeroMQ socket may be used from several threads when every use is serialised: every send
-goes through `Publisher` under one lock. The socket is attached once bound and detached
-(under the same lock) before it is closed, so a late publisher finds none and drops its
-message instead of touching a closed socket.
+goes through `Publisher` under one lock. The socket is taken away under the same lock before
+it is closed, so a late publisher finds none and drops its message instead of touching a
+closed socket.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from typing import TYPE_CHECKING, Any
@@ -26,6 +27,7 @@ from focaltrack.daemon.protocol import (
 
 if TYPE_CHECKING:
     from focaltrack.daemon.metrics import ServiceMetrics
+    from focaltrack.daemon.transport import Transport
 
 log = logging.getLogger("focaltrack.service")
 
@@ -45,15 +47,22 @@ class Publisher:
         self._lock = threading.RLock()
         self._pub: zmq.Socket[bytes] | None = None
 
-    def attach(self, sock: zmq.Socket[bytes]) -> None:
+    def bind(self, transport: Transport, port: int, hwm: int) -> str:
+        """Create and bind the PUB socket (send high-water mark ``hwm`` messages per
+        subscriber); the bound endpoint. Raises `ServiceError` when it cannot bind."""
+        sock = transport.socket(zmq.PUB)
+        sock.setsockopt(zmq.SNDHWM, hwm)
         with self._lock:
             self._pub = sock
+        return transport.bind(sock, port, "publish")
 
-    def detach(self) -> zmq.Socket[bytes] | None:
-        """Stop publishing; returns the socket for its owner to close."""
+    def close(self) -> None:
+        """Stop publishing and close the socket (later messages are dropped)."""
         with self._lock:
             pub, self._pub = self._pub, None
-        return pub
+        if pub is not None:
+            with contextlib.suppress(Exception):
+                pub.close(linger=0)
 
     def next_seq(self, topic: Topic) -> int:
         """The next sequence number of ``topic`` (taken by the caller building a header)."""

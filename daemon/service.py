@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from focaltrack.daemon import __version__
 from focaltrack.daemon.config import ServiceConfig, check_exposure, workspace_dir
-from focaltrack.daemon.control import ControlServer, Handler, ServiceError
+from focaltrack.daemon.control import ControlServer, Handler
 from focaltrack.daemon.job_runner import JobRunner
 from focaltrack.daemon.live import LiveSession
 from focaltrack.daemon.metrics import MetricsServer, ServiceMetrics
@@ -54,6 +54,7 @@ from focaltrack.daemon.protocol import ProtocolError, State
 from focaltrack.daemon.publisher import Publisher
 from focaltrack.daemon.recording import RecordingSession
 from focaltrack.daemon.state import ServiceState, utc_iso
+from focaltrack.daemon.transport import ServiceError, Transport
 from focaltrack.daemon.workspace import Workspace
 from focaltrack.drivers.base import DriverError
 
@@ -95,6 +96,7 @@ class Service:
         self._live: LiveSession | None = None
         self._jobs: JobRunner | None = None
         self._control: ControlServer | None = None
+        self._transport: Transport | None = None
         self._metrics_server: MetricsServer | None = None
         self._stopped = threading.Event()
         self._started = False
@@ -254,8 +256,9 @@ class Service:
 
     def _bind(self, control: ControlServer) -> None:
         net = self.config.network
-        control_ep, pub_ep = control.bind(net)
-        self._publisher.attach(control.pub_socket)
+        transport = self._transport = Transport(net)
+        control_ep = control.bind(transport, net.control_port)
+        pub_ep = self._publisher.bind(transport, net.pub_port, net.pub_hwm)
         try:
             self._metrics_server = self.metrics.serve(net.bind.strip("[]"), net.metrics_port)
         except OSError as e:
@@ -308,10 +311,12 @@ class Service:
             with contextlib.suppress(Exception):
                 self._metrics_server.close()
             self._metrics_server = None
-        # Other threads publish under the publisher's lock: detached there first, then closed.
-        self._publisher.detach()
+        self._publisher.close()
         if self._control is not None:
             self._control.close()
+        if self._transport is not None:  # after every socket is closed
+            self._transport.close()
+            self._transport = None
         if self._driver is not None:
             with contextlib.suppress(Exception):
                 self._driver.close()
