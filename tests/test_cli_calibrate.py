@@ -13,8 +13,8 @@ import pytest
 import tifffile
 from calib_synth import synth_stack
 
-from focaltrack.daemon.cli import main
 from focaltrack.calibration import Calibration
+from focaltrack.daemon.cli import main
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # A quick simulated acquisition: 11 slices, small frames, no waiting.
