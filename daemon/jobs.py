@@ -187,8 +187,8 @@ def _exit_with_parent() -> None:  # pragma: no cover - runs in the child
 def _train_child(req: TrainRequest, q: Any) -> None:  # pragma: no cover - runs in the child
     _exit_with_parent()
     try:
-        from focaltrack.models.train import train
         from focaltrack.calibration import Calibration
+        from focaltrack.models.train import train
 
         cal = Calibration.load(req.calibration_path)
 

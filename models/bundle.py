@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
+from focaltrack.calibration import Calibration, CalibrationError
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
-from focaltrack.calibration import Calibration, CalibrationError
 
 BUNDLE_SCHEMA_VERSION = 2
 #: 1: axial network without per-bin lateral offsets (still read and applied as trained)

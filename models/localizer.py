@@ -36,12 +36,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from focaltrack.calibration import Calibration
+from focaltrack.calibration.preprocess import Preprocess
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.bundle import ModelBundle, load_bundle
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.psf_fit import PSFFit, PSFFitter
-from focaltrack.calibration import Calibration
-from focaltrack.calibration.preprocess import Preprocess
 from focaltrack.records import Localizations as Localizations  # the localizer's result type
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative

@@ -30,12 +30,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from focaltrack.calibration import Calibration
 from focaltrack.common.version import __version__
 from focaltrack.models.bundle import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, ModelBundle, save_bundle
 from focaltrack.models.localizer import Candidates, DecodeSettings, Localizer, decode_candidates
 from focaltrack.models.metrics import combine, match
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
-from focaltrack.calibration import Calibration
 from focaltrack.sim.synth import SynthConfig, Synthesizer
 
 VALIDATION_TOLERANCE_UM = 10.0  # seed 002's matching radius

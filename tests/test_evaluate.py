@@ -336,9 +336,9 @@ def untrained_bundle(tmp_path_factory):
     import torch
     from cnn_fixtures import make_calibration
 
+    from focaltrack.calibration.preprocess import Preprocess
     from focaltrack.models.bundle import save_bundle
     from focaltrack.models.nets import AxialConfig, AxialNet, LateralNet
-    from focaltrack.calibration.preprocess import Preprocess
 
     cal = make_calibration()
     torch.manual_seed(0)

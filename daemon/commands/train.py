@@ -49,8 +49,8 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from focaltrack.models.train import train
     from focaltrack.calibration import Calibration
+    from focaltrack.models.train import train
 
     cal = Calibration.load(args.calibration)
     result = train(
