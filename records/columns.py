@@ -12,8 +12,9 @@ encoder, the JSON Schemas, the HDF5 datasets and the CSV headers all read these
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Literal
 
@@ -56,12 +57,12 @@ class Column:
     csv_format: str = "%.6g"
     #: The codes of an enum column (stored as its codes, sent and written as its values).
     enum: type[Enum] | None = None
+    #: ``"float"``, ``"int"`` or ``"enum"``: how the wire and CSV write it (from the above).
+    kind: Literal["float", "int", "enum"] = field(init=False)
 
-    @property
-    def kind(self) -> Literal["float", "int", "enum"]:
-        if self.enum is not None:
-            return "enum"
-        return "float" if np.dtype(self.dtype).kind == "f" else "int"
+    def __post_init__(self) -> None:
+        kind = "enum" if self.enum else "float" if np.dtype(self.dtype).kind == "f" else "int"
+        object.__setattr__(self, "kind", kind)
 
 
 def column(
@@ -82,6 +83,11 @@ def column(
 
 def columns_of(record: Any) -> tuple[Column, ...]:
     """The `Column` of every field of a record class (or instance), in declaration order."""
+    return _columns_of(record if isinstance(record, type) else type(record))
+
+
+@functools.cache  # asked per published frame: read the dataclass fields once per class
+def _columns_of(record: type) -> tuple[Column, ...]:
     out = []
     for f in dataclasses.fields(record):
         spec = f.metadata.get(_KEY)
@@ -105,17 +111,15 @@ def csv_columns(record: Any) -> tuple[str, ...]:
 
 def to_columns(record: Any) -> dict[str, np.ndarray]:
     """Every field as a 1-D column of the record's length; scalar fields repeated per row."""
-    cols = columns_of(record)
-    values = {c.name: getattr(record, c.name) for c in cols}
+    values = {c.name: getattr(record, c.name) for c in columns_of(record)}
     n = next((len(v) for v in values.values() if isinstance(v, np.ndarray)), 0)
-    return {
-        c.name: (
-            np.asarray(v).reshape(-1)
-            if isinstance(v, np.ndarray)
-            else np.full(n, v, dtype=np.dtype(c.dtype))
-        )
-        for c, v in zip(cols, values.values(), strict=True)
-    }
+    for c in columns_of(record):
+        v = values[c.name]
+        if not isinstance(v, np.ndarray):
+            values[c.name] = np.full(n, v, dtype=np.dtype(c.dtype))
+        elif v.ndim != 1:
+            values[c.name] = v.reshape(-1)
+    return values
 
 
 def concat(records: Iterable[Any], cls: type[Any] | None = None) -> dict[str, np.ndarray]:

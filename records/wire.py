@@ -15,6 +15,8 @@ import time
 from collections.abc import Mapping
 from typing import Any, Literal, TypedDict, cast
 
+import numpy as np
+
 from focaltrack.records.columns import Column, check_lengths, columns_of, to_columns
 from focaltrack.records.localizations import Localizations
 from focaltrack.records.tracks import Tracks
@@ -106,25 +108,39 @@ def _frame(frame: int, t_acq_s: float, stage_z_um: float | None) -> dict[str, An
     return {"frame": int(frame), "t_acq_s": float(t_acq_s), "stage_z_um": z}
 
 
-def _tolist(values: Any) -> list[Any]:
-    tolist = getattr(values, "tolist", None)
-    return list(tolist()) if tolist is not None else list(values)
+#: Below this many rows a Python loop beats numpy's per-call overhead.
+_SMALL = 64
 
 
 def _encode(c: Column, values: Any) -> list[Any]:
-    v = _tolist(values)
+    """One column as JSON values (runs for every column of every published frame)."""
+    if not hasattr(values, "__len__"):  # an iterator
+        values = list(values)
     if c.kind == "float":
-        out: list[Any] = []
-        for x in v:
-            f = float(x)
-            out.append(f if math.isfinite(f) else None)
-        return out
+        if len(values) < _SMALL:
+            isfinite = math.isfinite
+            if isinstance(values, np.ndarray) and values.dtype.kind == "f":
+                return [x if isfinite(x) else None for x in values.ravel().tolist()]
+            fs = [float(x) for x in values]
+            return [f if isfinite(f) else None for f in fs]
+        v = np.asarray(values, dtype=np.float64).reshape(-1)
+        ok = np.isfinite(v)
+        if ok.all():
+            return v.tolist()  # type: ignore[no-any-return]
+        out = v.astype(object)
+        out[~ok] = None
+        return out.tolist()  # type: ignore[no-any-return]
     if c.kind == "int":
-        return [int(x) for x in v]
+        if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
+            return values.ravel().tolist()  # type: ignore[no-any-return]
+        return [int(x) for x in values]
+    a = np.asarray(values).reshape(-1)
     assert c.enum is not None
-    members = list(c.enum)
-    # codes (the stored form) become values; strings are taken as values already
-    return [str(x) if isinstance(x, str) else str(members[int(x)].value) for x in v]
+    if a.dtype.kind in "USO":  # values already
+        return [str(x) for x in a.tolist()]
+    # codes, the stored form
+    values_of = [m.value for m in c.enum]
+    return [values_of[i] for i in a.astype(np.intp).tolist()]
 
 
 def wire_columns(record: Any, cols: Mapping[str, Any]) -> dict[str, list[Any]]:

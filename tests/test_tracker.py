@@ -51,7 +51,9 @@ def test_straight_line_is_one_track_with_the_right_velocity():
     assert last.cov_xyz_um2.shape == (3, 3)
     assert not last.xyz_um.flags.writeable  # results never alias the live state
     cols = tracker.update_frame(meas[-1][None] + v / FPS, t[-1] + 1 / FPS).as_columns()
-    assert cols["track_id"].tolist() == [1] and cols["status"].tolist() == [TrackStatus.CONFIRMED.code]
+    assert cols["track_id"].tolist() == [1] and cols["status"].tolist() == [
+        TrackStatus.CONFIRMED.code
+    ]
     assert cols["sigma_z_um"][0] == pytest.approx(np.sqrt(last.cov_xyz_um2[2, 2]), rel=0.2)
     # filtered position is tighter than one localization, axis by axis
     assert np.all(np.sqrt(np.diag(last.cov_xyz_um2)) < SIGMA)
