@@ -217,7 +217,8 @@ class AnalysisModel:
 
 
 class FrameSink(Protocol):
-    """Where the analysis sends each frame's results (the service: PUB, recorder, metrics)."""
+    """Where the analysis sends each frame's results (the service's live session: PUB,
+    recording, metrics; `focaltrack.daemon.live.LiveSession`)."""
 
     def on_frame_result(
         self,

@@ -8,16 +8,18 @@
 
 The parts, each in its own module, each given only what it needs:
 
-* `focaltrack.daemon.control` — the wire: the ROUTER and PUB sockets, CURVE, and the
-  ``focaltrack-control`` thread that dispatches requests through the handler table that
-  `Service` builds (``cmd`` -> handler);
-* `focaltrack.daemon.publisher` — the PUB socket's one lock, sequence numbers, events,
+* `focaltrack.daemon.transport` — the ZeroMQ context, CURVE keys and authenticator, binding;
+* `focaltrack.daemon.control` — the wire: the ROUTER socket and the ``focaltrack-control``
+  thread that dispatches requests through the handler table that `Service` builds
+  (``cmd`` -> handler), mapping errors to reply codes;
+* `focaltrack.daemon.publisher` — the PUB socket behind one lock, sequence numbers, events,
   heartbeats;
 * `focaltrack.daemon.state` — the state machine, the current calibration and model, the
   last error (shared by the parts below);
 * `focaltrack.daemon.live` — the live session: the driver and analysis threads
   (`focaltrack.daemon.pipeline`), publishing each analysed frame, the focus, the model in
   use, and the recording (`focaltrack.daemon.recording`);
+* `focaltrack.daemon.analysis` — a model bundle loaded as the live analysis' model;
 * `focaltrack.daemon.job_runner` — the calibration thread and the training process;
 * `focaltrack.daemon.notify` — systemd's READY / STOPPING / WATCHDOG;
 * `focaltrack.daemon.metrics` — the Prometheus registry and its HTTP server.
@@ -43,6 +45,7 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from focaltrack.common.files import write_json_atomic
 from focaltrack.daemon import __version__
 from focaltrack.daemon.config import ServiceConfig, check_exposure, workspace_dir
 from focaltrack.daemon.control import ControlServer, Handler
@@ -273,9 +276,7 @@ class Service:
         run = ws.root / "run"
         run.mkdir(parents=True, exist_ok=True)
         data = {**self._endpoints, "pid": os.getpid(), "started_utc": utc_iso()}
-        tmp = run / f".{ENDPOINTS_FILE}.{os.getpid()}.tmp"
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, run / ENDPOINTS_FILE)
+        write_json_atomic(run / ENDPOINTS_FILE, data)
 
     def stop(self, timeout_s: float = 15.0) -> None:
         """Stop acquisition, flush files, cancel jobs, close sockets and the driver.
