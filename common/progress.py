@@ -45,7 +45,7 @@ class _LogBar(tqdm):  # type: ignore[type-arg]
         self._last_line_n: float | None = None
         self._started = False  # tqdm draws once in __init__: no line for "0 done" yet
         # tqdm's own writes (carriage returns, the closing newline) go nowhere
-        super().__init__(*args, file=io.StringIO(), mininterval=0, miniters=1, **kwargs)
+        super().__init__(*args, file=io.StringIO(), mininterval=0, **kwargs)
         self._started = True
 
     def display(self, msg: str | None = None, pos: int | None = None) -> bool:
@@ -107,6 +107,8 @@ def progress_bar(
     stream = sys.stderr if stream is None else stream
     kwargs.setdefault("ascii", ASCII_BAR)
     kwargs.setdefault("dynamic_ncols", False)
+    # every update may draw (time or the log's tenths decide): totals can be fractions (1.0)
+    kwargs.setdefault("miniters", 0)
     if is_terminal(stream) or not enabled:
         return _TerminalBar(
             total=total,

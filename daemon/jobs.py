@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import multiprocessing as mp
 import queue
 import shutil
@@ -157,7 +158,7 @@ class _QueueProgress:
     def __init__(self, q: Any, interval_s: float = 0.2) -> None:
         self.q = q
         self.interval_s = interval_s
-        self._last = 0.0
+        self._last = -math.inf  # the first step is always sent
 
     def __call__(self, phase: str, step: int, steps: int) -> None:
         now = time.monotonic()

@@ -68,3 +68,33 @@ def test_bad_inputs():
         match([[0, 0]], [[0, 0, 0]], 1.0)
     with pytest.raises(ValueError, match="tolerance"):
         match([[0, 0, 0]], [[0, 0, 0]], 0.0)
+
+
+def test_score_frames_pools_sequences_and_mappings():
+    from focaltrack.models.metrics import match_frames, pooled_summary, score_frames
+
+    truth = [np.array([[0, 0, 0], [30, 0, 0.0]]), np.array([[5, 5, 5.0]])]
+    pred = [truth[0] + [0, 0, 1.5], np.zeros((0, 3))]
+    s = score_frames(pred, truth, (10.0, 1.0))
+    assert s["frames"] == 2 and list(s["by_tolerance"]) == ["10um", "1um"]
+    v = s["by_tolerance"]["10um"]
+    assert (v["tp"], v["fp"], v["fn"], v["tolerance_um"]) == (2, 0, 1, 10.0)
+    assert v["rmse_axial_um"] == pytest.approx(1.5)
+    assert s["by_tolerance"]["1um"]["rmse_axial_um"] is None  # no match: strict JSON
+    # the same as a mapping by frame index; frames in only one of the two are not scored
+    s2 = score_frames({0: pred[0], 1: pred[1], 7: pred[0]}, {0: truth[0], 1: truth[1]}, (10.0, 1.0))
+    assert s2 == s
+    assert pooled_summary(match_frames(pred, truth, 10.0), 10.0) == v
+    with pytest.raises(ValueError, match="frames"):
+        score_frames(pred[:1], truth)
+
+
+def test_match_in_region_counts_only_inside():
+    from focaltrack.models.metrics import match_frames, match_in_region
+
+    region = (0.0, 10.0, 0.0, 10.0)
+    truth = np.array([[5, 5, 0], [20, 5, 0.0]])  # the second is outside
+    pred = np.array([[5, 5, 0.5], [19, 5, 0], [8, 8, 0.0]])  # the third: FP inside
+    m = match_in_region(pred, truth, 2.0, region)
+    assert (m.tp, m.fp, m.fn) == (1, 1, 0)
+    assert match_frames([pred], [truth], 2.0, region_um=region)[0].jaccard == m.jaccard

@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -54,16 +54,22 @@ from typing import IO, TYPE_CHECKING, Any
 import numpy as np
 
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.common.files import clean, fmt, write_json_atomic
+from focaltrack.common.progress import progress_bar
+
+# the scoring is models.metrics', the ground truth sim.frame_truth's (match_in_region is
+# named here for the demo's tests)
+from focaltrack.models.metrics import DEFAULT_TOLERANCES_UM, score_frames
+from focaltrack.models.metrics import match_in_region as match_in_region
+from focaltrack.sim.frame_truth import alignment_error_s, truth_by_frame, visible_truth
 
 if TYPE_CHECKING:
     from focaltrack.daemon.client import ControlClient, Subscriber
-    from focaltrack.drivers.simcore import SimFrameTruth
-    from focaltrack.models.metrics import MatchResult
 
 log = logging.getLogger("focaltrack.demo")
 
 #: Seed 002's matching radius and a tighter one (≈ the lateral resolution), as `evaluate`.
-TOLERANCES_UM: tuple[float, ...] = (10.0, 2.0)
+TOLERANCES_UM: tuple[float, ...] = DEFAULT_TOLERANCES_UM
 #: Emitters (true or detected) closer than this to the frame edge are not scored: part of
 #: their image is outside the frame.
 EDGE_MARGIN_UM = 5.0
@@ -124,7 +130,7 @@ class DemoSettings:
             raise ValueError(f"--out {out}: cannot write in {parent}")
 
 
-def _xyz_um(header: dict[str, Any]) -> np.ndarray:
+def _xyz_um(header: Mapping[str, Any]) -> np.ndarray:
     """(N, 3) positions from a loc or track header's x_um, y_um, z_um columns."""
     cols = [np.asarray(header[k], dtype=np.float64) for k in ("x_um", "y_um", "z_um")]
     return np.stack(cols, axis=1).reshape(-1, 3)
@@ -220,156 +226,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-# =========================================================================== ground truth
-
-
-def visible_truth(
-    entry: SimFrameTruth,
-    shape_px: tuple[int, int],
-    pixel_size_um: float,
-    z_range_um: tuple[float, float],
-) -> np.ndarray:
-    """The emitters of one rendered frame in published coordinates, (N, 3) µm.
-
-    x, y: position on the camera (the sample's lateral drift included), kept when the
-    centre falls on the frame; z: defocus ``focus − z_abs``, kept inside the calibrated range.
-    """
-    scene = entry.scene
-    if scene is None or len(scene) == 0:
-        return np.zeros((0, 3))
-    h, w = shape_px
-    xyz = np.asarray(scene.xyz_um, dtype=np.float64)
-    x = xyz[:, 0] + entry.offset_xy_um[0]
-    y = xyz[:, 1] + entry.offset_xy_um[1]
-    d = entry.focus_z_um - xyz[:, 2]
-    half = 0.5 * pixel_size_um
-    keep = (
-        (x >= -half)
-        & (x <= (w - 0.5) * pixel_size_um)
-        & (y >= -half)
-        & (y <= (h - 0.5) * pixel_size_um)
-        & (d >= z_range_um[0])
-        & (d <= z_range_um[1])
-    )
-    return np.stack([x[keep], y[keep], d[keep]], axis=1)
-
-
-@dataclass(frozen=True, slots=True)
-class TruthFrames:
-    """Ground truth per published frame index, for the first stream of a driver's life."""
-
-    xyz_um: dict[int, np.ndarray]
-    t_sim_s: dict[int, float]
-    n_streams: int
-
-
-def truth_by_frame(
-    truths: Iterable[SimFrameTruth],
-    shape_px: tuple[int, int],
-    pixel_size_um: float,
-    z_range_um: tuple[float, float],
-) -> TruthFrames:
-    """Map the simulator's rendered frames to the driver's frame indices.
-
-    The driver numbers a stream's frames from (last index + 1); a fresh driver's first
-    stream starts at 0, and the camera's sequence frame ``k`` is its ``k``-th frame, so
-    frame index = sequence frame for that stream. Snaps (sequence frame −1, the
-    calibration's) are skipped; later streams (a camera restart) are left out, since their
-    offset depends on frames the driver never delivered.
-    """
-    xyz: dict[int, np.ndarray] = {}
-    t_sim: dict[int, float] = {}
-    n_streams = 0
-    prev = -1
-    for e in truths:
-        k = int(e.sequence_frame)
-        if k < 0:
-            continue
-        if k <= prev or (prev < 0 and n_streams == 0):
-            n_streams += 1
-        prev = k
-        if n_streams == 1:
-            xyz[k] = visible_truth(e, shape_px, pixel_size_um, z_range_um)
-            t_sim[k] = float(e.t_sim_s)
-    return TruthFrames(xyz, t_sim, n_streams)
-
-
-def alignment_error_s(t_acq_s: Mapping[int, float], t_sim_s: Mapping[int, float]) -> float | None:
-    """Spread (max − min) of ``t_acq − t_sim`` over the frames both know, seconds.
-
-    The simulated camera stamps frame ``k`` at its slot time and advances the scene by the
-    same slots, so with the right frame ↔ truth mapping the difference is one constant; a
-    spread of a frame period or more means the mapping is off.
-    """
-    common = sorted(set(t_acq_s) & set(t_sim_s))
-    if not common:
-        return None
-    diff = np.array([t_acq_s[i] - t_sim_s[i] for i in common])
-    return float(diff.max() - diff.min())
-
-
-def _in_region(xyz: np.ndarray, region_um: tuple[float, float, float, float]) -> np.ndarray:
-    x0, x1, y0, y1 = region_um
-    if len(xyz) == 0:
-        return np.zeros(0, dtype=bool)
-    return (xyz[:, 0] >= x0) & (xyz[:, 0] <= x1) & (xyz[:, 1] >= y0) & (xyz[:, 1] <= y1)
-
-
-def match_in_region(
-    pred_um: np.ndarray,
-    true_um: np.ndarray,
-    tolerance_um: float,
-    region_um: tuple[float, float, float, float],
-) -> MatchResult:
-    """One frame's matches, scoring only what lies inside ``region_um`` (x0, x1, y0, y1).
-
-    Everything is matched (`focaltrack.models.metrics.match`), so a detection just inside
-    the region can pair with an emitter just outside; then: a pair counts when its true
-    emitter is inside (TP); an unmatched true emitter inside is a FN; an unmatched detection
-    inside is a FP; detections paired with emitters outside are not counted either way.
-    """
-    from focaltrack.models.metrics import MatchResult, match
-
-    pred = np.asarray(pred_um, dtype=np.float64).reshape(-1, 3)
-    true = np.asarray(true_um, dtype=np.float64).reshape(-1, 3)
-    m = match(pred, true, tolerance_um)
-    inside_t = _in_region(true, region_um)
-    inside_p = _in_region(pred, region_um)
-    keep = inside_t[m.true_idx] if m.tp else np.zeros(0, dtype=bool)
-    matched = np.zeros(len(pred), dtype=bool)
-    matched[m.pred_idx] = True
-    fp = int(np.count_nonzero(inside_p & ~matched))
-    tp_pred, tp_true = m.pred_idx[keep], m.true_idx[keep]
-    return MatchResult(
-        tp_pred, tp_true, m.errors_um[keep], n_pred=len(tp_pred) + fp, n_true=int(inside_t.sum())
-    )
-
-
-def score_frames(
-    pred_by_frame: Mapping[int, np.ndarray],
-    truth: Mapping[int, np.ndarray],
-    *,
-    region_um: tuple[float, float, float, float],
-    tolerances_um: Sequence[float] = TOLERANCES_UM,
-) -> dict[str, Any]:
-    """Pooled Jaccard, precision, recall and RMSE per tolerance over the frames in both."""
-    from focaltrack.models.metrics import combine
-
-    frames = sorted(set(pred_by_frame) & set(truth))
-    out: dict[str, Any] = {"frames": len(frames), "by_tolerance": {}}
-    for tol in tolerances_um:
-        pooled = combine(
-            match_in_region(pred_by_frame[f], truth[f], tol, region_um) for f in frames
-        )
-        s = {k: _finite(v) for k, v in pooled.summary().items()}
-        out["by_tolerance"][f"{tol:g}um"] = {"tolerance_um": float(tol), **s}
-    return out
-
-
-def _finite(v: float | int) -> float | int | None:
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
+# =========================================================================== scoring
 
 
 def scoring_region(
@@ -505,36 +362,8 @@ class LiveStats:
 # =========================================================================== jobs
 
 
-class _Progress:
-    """One progress display: in place on a terminal, a line per 10 % otherwise."""
-
-    def __init__(self, label: str, stream: IO[str]) -> None:
-        self.label = label
-        self.stream = stream
-        self.tty = bool(getattr(stream, "isatty", lambda: False)())
-        self.t0 = time.monotonic()
-        self.next_decile = 0
-        self.last_draw = 0.0
-
-    def update(self, progress: float, message: str, *, final: bool = False) -> None:
-        now = time.monotonic()
-        el = now - self.t0
-        width = 24
-        n = int(width * min(max(progress, 0.0), 1.0))
-        text = (
-            f"  {self.label:<10} [{'#' * n}{'-' * (width - n)}] {100 * progress:5.1f} %  "
-            f"{el:5.0f} s  {message}"
-        )
-        if self.tty:
-            if final or now - self.last_draw >= 0.2:
-                self.last_draw = now
-                self.stream.write("\r\x1b[2K" + text[:160] + ("\n" if final else ""))
-                self.stream.flush()
-        elif final or progress * 10 >= self.next_decile or now - self.last_draw >= 15.0:
-            self.next_decile = int(progress * 10) + 1
-            self.last_draw = now
-            self.stream.write(text + "\n")
-            self.stream.flush()
+#: A job's bar: label, bar, percent, time since the job started, the job's message.
+JOB_BAR = "{desc} [{bar:24}] {percentage:5.1f} %  {elapsed}{postfix}"
 
 
 def wait_job(
@@ -548,7 +377,8 @@ def wait_job(
 ) -> dict[str, Any]:
     """Follow a job through its ``event`` messages (polling ``job`` as a fallback) until it
     finishes; returns the final job object. Raises `DemoError` if it failed."""
-    bar = _Progress(label, stream)
+    # a tqdm bar on a terminal; in a log, a line per 10 % or every 15 s
+    bar = progress_bar(1.0, f"  {label:<10}", stream=stream, bar_format=JOB_BAR)
     deadline = time.monotonic() + timeout_s
     next_poll = time.monotonic() + 2.0
     job: dict[str, Any] = {"state": "queued", "progress": 0.0, "message": ""}
@@ -570,8 +400,10 @@ def wait_job(
             next_poll = time.monotonic() + 2.0
         state = str(job.get("state"))
         done = state in ("done", "failed", "cancelled")
-        bar.update(float(job.get("progress") or 0.0), str(job.get("message") or ""), final=done)
+        bar.set_postfix_str(str(job.get("message") or ""), refresh=False)
+        bar.update(min(max(float(job.get("progress") or 0.0), 0.0), 1.0) - bar.n)
         if done:
+            bar.close()
             if state != "done":
                 raise DemoError(f"{label} {state}: {job.get('message')}")
             return job
@@ -583,40 +415,6 @@ def wait_job(
 def _say(stream: IO[str], text: str = "") -> None:
     stream.write(text + "\n")
     stream.flush()
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2, allow_nan=False, default=_json_default)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; the summary is for sharing
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer):
-        return int(o)
-    if isinstance(o, np.floating):
-        return _finite(float(o))
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
-
-
-def _clean(o: Any) -> Any:
-    """NaN/inf → None, recursively (summary.json is strict JSON)."""
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_clean(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
 
 
 def demo_config(s: DemoSettings, workspace: Path) -> Any:
@@ -791,8 +589,8 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
         _say(stream, "4. what was published, against the simulator's ground truth")
         truth = truth_by_frame(list(driver.core.truth), shape, px, z_range)
         region = scoring_region(shape, px)
-        loc_score = score_frames(stats.loc_xyz, truth.xyz_um, region_um=region)
-        track_score = score_frames(stats.track_xyz, truth.xyz_um, region_um=region)
+        loc_score = score_frames(stats.loc_xyz, truth.xyz_um, TOLERANCES_UM, region_um=region)
+        track_score = score_frames(stats.track_xyz, truth.xyz_um, TOLERANCES_UM, region_um=region)
         align = alignment_error_s(stats.t_acq_s, truth.t_sim_s)
         live_summary = stats.summary(live_s)
         drops = status_live.get("frames_dropped_by_reason") or {}
@@ -810,7 +608,7 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
             _say(stream, f"   warning: frame ↔ truth alignment is off by up to {align:.3f} s")
         timings["total_s"] = time.monotonic() - t_all
 
-        summary = _clean(
+        summary = clean(
             {
                 "kind": "focaltrack.demo",
                 "schema_version": 1,
@@ -845,7 +643,7 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
             }
         )
         path = out / "summary.json"
-        _write_json_atomic(path, summary)
+        write_json_atomic(path, summary, mode=0o644)  # the summary is for sharing
         _say(stream)
         _say(stream, f"wrote {cal_png} and {path} in {timings['total_s']:.0f} s.")
         _say(
@@ -911,31 +709,25 @@ def _validation_text(by_snr: Mapping[str, Any]) -> str:
     return ", ".join(parts) if parts else "no validation numbers"
 
 
-def _fmt(v: Any, spec: str = ".2f", unit: str = "") -> str:
-    if v is None:
-        return "-"
-    return f"{v:{spec}}{unit}"
-
-
 def _score_lines(
     loc: Mapping[str, Any], track: Mapping[str, Any], live: Mapping[str, Any]
 ) -> list[str]:
     lines = [
         f"frames: {live.get('frames_acquired')} acquired, {live.get('frames_analysed')} "
-        f"analysed ({_fmt(live.get('analysed_fps'), '.1f')} frames/s), dropped "
+        f"analysed ({fmt(live.get('analysed_fps'), '.1f')} frames/s), dropped "
         + ", ".join(f"{k} {v}" for k, v in (live.get("frames_dropped_by_reason") or {}).items()),
-        f"frame-to-publish latency: p50 {_fmt(live['latency_ms']['p50'], '.1f')} ms, "
-        f"p99 {_fmt(live['latency_ms']['p99'], '.1f')} ms (inference p50 "
-        f"{_fmt(live['inference_ms']['p50'], '.1f')} ms; the simulated camera stamps a frame "
+        f"frame-to-publish latency: p50 {fmt(live['latency_ms']['p50'], '.1f')} ms, "
+        f"p99 {fmt(live['latency_ms']['p99'], '.1f')} ms (inference p50 "
+        f"{fmt(live['inference_ms']['p50'], '.1f')} ms; the simulated camera stamps a frame "
         "at the start of its slot, so this includes the time it takes to render it)",
     ]
     for what, sc in (("localizations", loc), ("confirmed tracks", track)):
         lines.append(f"{what} ({sc['frames']} frames scored):")
         for key, v in sc["by_tolerance"].items():
             lines.append(
-                f"  within {key.replace('um', ' µm'):>6}: Jaccard {_fmt(v['jaccard'])}  "
-                f"precision {_fmt(v['precision'])}  recall {_fmt(v['recall'])}  "
-                f"RMSE lateral {_fmt(v['rmse_lateral_um'])} µm, axial "
-                f"{_fmt(v['rmse_axial_um'])} µm  (TP {v['tp']}, FP {v['fp']}, FN {v['fn']})"
+                f"  within {key.replace('um', ' µm'):>6}: Jaccard {fmt(v['jaccard'], '.2f')}  "
+                f"precision {fmt(v['precision'], '.2f')}  recall {fmt(v['recall'], '.2f')}  "
+                f"RMSE lateral {fmt(v['rmse_lateral_um'], '.2f')} µm, axial "
+                f"{fmt(v['rmse_axial_um'], '.2f')} µm  (TP {v['tp']}, FP {v['fp']}, FN {v['fn']})"
             )
     return lines
