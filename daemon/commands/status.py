@@ -16,6 +16,8 @@ import json
 import sys
 from typing import Any
 
+from focaltrack.common.files import fmt
+
 #: Shown first, in this order; everything else follows alphabetically.
 _ORDER = (
     "state",
@@ -89,13 +91,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _fmt(value: Any) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.6g}"
     if isinstance(value, dict | list):
         return json.dumps(value, separators=(", ", ": "))
-    return str(value)
+    return fmt(value, ".6g", missing="-")
 
 
 def format_status(result: Any) -> str:
