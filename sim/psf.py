@@ -122,7 +122,9 @@ def blur_radius_um(optics: Optics, defocus_um: float | np.ndarray) -> float | np
 
 
 def cache_dir() -> Path:
-    """Where PSF libraries are cached: ``$FOCALTRACK_CACHE`` or ``~/.cache/focaltrack``."""
+    """Where PSF libraries are cached: ``$FOCALTRACK_CACHE`` when set (read at each model's
+    construction), else ``~/.cache/focaltrack``. The test suite sets it to a temporary folder
+    of its session (tests/conftest.py), so that tests never write into the user's cache."""
     env = os.environ.get("FOCALTRACK_CACHE")
     if env:
         return Path(env)

@@ -11,11 +11,16 @@ synthesizer: the split a lab has.
 from __future__ import annotations
 
 import math
+import os
+import sys
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 
-from focaltrack.sim import camera as sim_camera
 from focaltrack.calibration import Calibration, NoiseModel
+from focaltrack.sim import camera as sim_camera
 from focaltrack.sim.optics import SIM_ABERRATIONS, CameraModel, Optics
 from focaltrack.sim.psf import PSFModel
 
@@ -79,28 +84,39 @@ def render_frame(
 
 
 # --------------------------------------------------------------------------------------
-# One tiny trained model per test session (shared by test_cnn.py and test_cli_cnn.py)
+# The session's CI-sized model (the `trained_model` fixture in conftest.py trains it once,
+# by running this file in a child process)
 # --------------------------------------------------------------------------------------
 
-_TRAINED: dict[str, object] = {}
+
+def train_ci_model(out_dir: Path) -> tuple[Path, Path]:
+    """Save `make_calibration` to ``out_dir/cal.h5`` and train the ``ci`` preset (seed 0)
+    on it through the CLI into ``out_dir/model``; (calibration path, bundle path)."""
+    from focaltrack.daemon.cli import main
+
+    cal_path = out_dir / "cal.h5"
+    make_calibration().save(cal_path)
+    model = out_dir / "model"
+    rc = main(
+        ["train", "--calibration", str(cal_path), "--out", str(model), "--preset", "ci",
+         "--seed", "0", "--no-progress"]
+    )  # fmt: skip
+    if rc != 0:
+        raise RuntimeError(f"focaltrack train exited with {rc}")
+    return cal_path, model
 
 
-def trained_model(tmp_path_factory) -> tuple[object, object]:
-    """(calibration path, model bundle path): trained once per session through the CLI."""
-    if "model" not in _TRAINED:
-        from focaltrack.daemon.cli import main
+def _exit_with_parent() -> None:
+    """End this child when the test session that started it is gone (killed, or ended
+    without tearing its fixtures down): an orphan is re-parented."""
+    parent = os.getppid()
 
-        d = tmp_path_factory.mktemp("cnn")
-        cal_path = d / "cal.h5"
-        make_calibration().save(cal_path)
-        model = d / "model"
-        rc = main(
-            ["train", "--calibration", str(cal_path), "--out", str(model), "--preset", "ci",
-             "--seed", "0", "--no-progress"]
-        )  # fmt: skip
-        assert rc == 0
-        _TRAINED["model"] = (cal_path, model)
-    return _TRAINED["model"]  # type: ignore[return-value]
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(3)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def random_scene(
@@ -125,3 +141,11 @@ def random_scene(
         if all(np.linalg.norm(p - q) >= min_sep_um for q in out):
             out.append(p)
     return np.array(out).reshape(-1, 3)
+
+
+if __name__ == "__main__":
+    # `python cnn_fixtures.py DIR`: the session's training, run as a child of the test
+    # session so that it overlaps the other tests (see conftest.py).
+    _exit_with_parent()
+    os.nice(5)  # the tests in the foreground, some of them timed, come first
+    train_ci_model(Path(sys.argv[1]))

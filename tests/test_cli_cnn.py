@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import tifffile
-from cnn_fixtures import PIXEL_UM, photons_for_peak_snr, random_scene, render_frame, trained_model
+from cnn_fixtures import PIXEL_UM, photons_for_peak_snr, random_scene, render_frame
 
 from focaltrack.daemon.cli import main
 
@@ -17,8 +17,8 @@ SHAPE = (128, 160)
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    return trained_model(tmp_path_factory)
+def trained(trained_model):
+    return trained_model
 
 
 @pytest.fixture(scope="module")

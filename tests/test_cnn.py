@@ -23,16 +23,15 @@ from cnn_fixtures import (
     photons_for_peak_snr,
     random_scene,
     render_frame,
-    trained_model,
 )
 
+from focaltrack.calibration import Calibration
 from focaltrack.models import bundle as bundle_mod
 from focaltrack.models.bundle import BundleError, load_bundle, read_meta
 from focaltrack.models.localizer import Localizations, Localizer, LocalizerError
 from focaltrack.models.metrics import combine, match
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.train import PRESETS, ProgressBar, train
-from focaltrack.calibration import Calibration
 
 # What the CI-sized model ("ci" preset: ~1 min on 2 free CPU cores, trained for sparse bright
 # emitters) reliably reaches on isolated bright emitters (20 dB, intensity 1): measured over
@@ -46,8 +45,8 @@ SHAPE = (160, 160)
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    return trained_model(tmp_path_factory)[1]
+def model(trained_model):
+    return trained_model.bundle
 
 
 @pytest.fixture(scope="module")

@@ -499,17 +499,16 @@ def _lock_scene_seed() -> tuple[int, np.ndarray]:
     raise AssertionError("no seed gives a central, bright emitter")
 
 
-def test_focus_lock_holds_a_setpoint_through_a_trained_model(tmp_path, tmp_path_factory, capsys):
+def test_focus_lock_holds_a_setpoint_through_a_trained_model(tmp_path, trained_model, capsys):
     """The whole feedback loop, for real: the simulated microscope renders the emitter at
     defocus focus − z_abs, a trained model (the session's `ci` bundle) localizes it live,
     the tracker confirms it, and the focus-lock example steers the focus drive over the
     control socket until the emitter sits at the setpoint defocus."""
-    from cnn_fixtures import trained_model
     from service_config import loopback_config
 
     from focaltrack.daemon.service import Service
 
-    _, bundle = trained_model(tmp_path_factory)
+    bundle = trained_model.bundle
     seed, xyz = _lock_scene_seed()
     ws = tmp_path / "ws"
     shutil.copytree(bundle, ws / "models" / "ci")

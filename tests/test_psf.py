@@ -11,13 +11,15 @@ Facts (scalar diffraction, uniform circular pupil):
 from __future__ import annotations
 
 import math
+import os
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from focaltrack.sim.optics import SIM_ABERRATIONS, Optics
-from focaltrack.sim.psf import PSFModel, blur_radius_um, psf_stack
+from focaltrack.sim.psf import PSFModel, blur_radius_um, cache_dir, psf_stack
 
 
 def radial_profile(img: np.ndarray, cx: float, cy: float, step: float = 0.25):
@@ -245,6 +247,23 @@ def test_shared_instances_and_concurrent_construction(tmp_path, monkeypatch):
     assert got[0].cache_file is not None and got[0].cache_file.parent == tmp_path
     assert PSFModel(Optics(), **kw)._flat is got[0]._flat  # library shared in-process
     PSFModel.clear_memory_cache()
+
+
+def test_the_cache_folder_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FOCALTRACK_CACHE", str(tmp_path))
+    assert cache_dir() == tmp_path
+    monkeypatch.delenv("FOCALTRACK_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "focaltrack"
+
+
+def test_the_test_session_caches_in_a_folder_of_its_own():
+    """conftest.py points the cache at a temporary folder of this session: the tests never
+    write PSF libraries into the user's ~/.cache."""
+    if os.environ.get("FOCALTRACK_TEST_CACHE"):
+        pytest.skip("FOCALTRACK_TEST_CACHE names a folder to keep between runs")
+    d = cache_dir()
+    assert d.is_dir() and d.name.startswith("focaltrack-test-cache-")
+    assert Path.home() / ".cache" not in d.parents
 
 
 @pytest.mark.parametrize(

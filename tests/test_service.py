@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
-from service_config import loopback_config
+from service_config import loopback_config, workspace_with_model
 
 from focaltrack.daemon import protocol
 from focaltrack.daemon.client import ControlClient, ControlError, Subscriber
@@ -101,11 +101,12 @@ def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 # ======================================================================== in-process
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A running service that has calibrated and trained (through its control API)."""
-    ws = tmp_path_factory.mktemp("ws")
-    svc = Service(_config(ws, **{"driver.frame_timeout_s": 0.5}), train_overrides=TINY_TRAINING)
+@pytest.fixture
+def trained(tmp_path):
+    """A running service, fresh: the test calibrates and trains it through its control API.
+    (The driver's frame timeout stays at its 2 s default: a frame that a loaded machine
+    delays by more than a shorter one would be a camera fault the test does not expect.)"""
+    svc = Service(_config(tmp_path / "ws"), train_overrides=TINY_TRAINING)
     svc.start()
     try:
         yield svc
@@ -418,21 +419,40 @@ def _next_event(sub: Subscriber, pred, timeout_s: float) -> dict[str, Any]:
     raise AssertionError("timed out waiting for an event")
 
 
-def test_cancel_training_leaves_nothing(trained):
-    ctl = ControlClient(trained.endpoints["control"], timeout_s=10)
-    with ctl:
-        if not ctl.call("calibrations")["current"]:
-            pytest.skip("needs the calibration made by test_calibrate_train_live_publish")
-        j = _call_once(ctl, "train", name="cancelled-model")
-        time.sleep(0.5)
-        info = ctl.call("cancel", id=j["job"])
-        assert info["id"] == j["job"]
-        job = _wait_job(ctl, j["job"], 30)
-        assert job["state"] == "cancelled"
-        models = trained.ws.models_dir
-        assert not (models / "cancelled-model").exists()
-        assert not list(models.glob(".cancelled-model*"))
-        assert ctl.call("status")["model"] == "tiny"
+@pytest.fixture(scope="module")
+def tiny_workspace(tmp_path_factory):
+    """A workspace holding a calibration and the model "tiny" trained on it, both named in
+    state.json: what test_calibrate_train_live_publish makes through the service, made
+    directly (tests copy it before starting a service there)."""
+    return workspace_with_model(tmp_path_factory.mktemp("tiny-ws"), TINY_TRAINING)
+
+
+def test_cancel_training_leaves_nothing(tiny_workspace, tmp_path):
+    shutil.copytree(tiny_workspace.root, tmp_path / "ws")
+    # A training far too long to end by itself: the cancel always meets it running.
+    svc = Service(
+        _config(tmp_path / "ws"), train_overrides={**TINY_TRAINING, "lateral_steps": 10**6}
+    )
+    svc.start()
+    try:
+        ctl = ControlClient(svc.endpoints["control"], timeout_s=10)
+        with ctl:
+            assert ctl.call("calibrations")["current"]
+            j = _call_once(ctl, "train", name="cancelled-model")
+            _wait_for(
+                lambda: ctl.call("job", id=j["job"])["progress"] > 0, 120, "training progress"
+            )
+            info = ctl.call("cancel", id=j["job"])
+            assert info["id"] == j["job"]
+            job = _wait_job(ctl, j["job"], 30)
+            assert job["state"] == "cancelled"
+            models = svc.ws.models_dir
+            assert not (models / "cancelled-model").exists()
+            assert not list(models.glob(".cancelled-model*"))
+            assert ctl.call("status")["model"] == "tiny"
+    finally:
+        svc.stop()
+    assert svc.join(20)
 
 
 def test_refuses_a_non_loopback_bind_without_keys(tmp_path):
@@ -562,10 +582,8 @@ def _endpoints(ws: Path, proc: subprocess.Popen[bytes], timeout_s: float = 90) -
     return _wait_for(ready, timeout_s, "focaltrack serve to write endpoints.json", poll_s=0.1)
 
 
-def test_serve_recording_survives_kill9_and_restart_restores_state(trained, tmp_path):
-    src = trained.ws
-    if not (src.models_dir / "tiny").is_dir():
-        pytest.skip("needs the model trained by test_calibrate_train_live_publish")
+def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspace, tmp_path):
+    src = tiny_workspace
     ws = tmp_path / "ws"
     (ws / "models").mkdir(parents=True)
     (ws / "calibrations").mkdir()
@@ -595,7 +613,8 @@ def test_serve_recording_survives_kill9_and_restart_restores_state(trained, tmp_
             _wait_for(lambda: n_frames() > n1, 30, "the live file to grow")
             seen = n_frames()
             assert f.attrs["complete"] == False  # noqa: E712 - numpy bool
-        time.sleep(0.3)
+            # Killed while it is still appending: the file has grown since we looked.
+            _wait_for(lambda: n_frames() > seen, 30, "the live file to grow again")
         proc.kill()  # SIGKILL: no chance to flush or close anything
         assert proc.wait(10) == -signal.SIGKILL
         with h5py.File(path, "r", libver="latest", swmr=True) as f:
