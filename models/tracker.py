@@ -547,6 +547,7 @@ def link_table(
     config: TrackerConfig | None = None,
     tracker: KalmanTracker | None = None,
     frame_range: tuple[int, int] | None = None,
+    stage_z_um: np.ndarray | None = None,
 ) -> TrackTable:
     """Track a whole table of localizations (one row each, grouped by ``frame``).
 
@@ -556,7 +557,17 @@ def link_table(
     number between their neighbours. ``frame_range=(first, last)`` (with ``fps``) processes
     that range instead, so leading and trailing empty frames count too. Errors name the
     offending frame.
+
+    ``stage_z_um`` (per row, equal within a frame; NaN where unknown): the focus each frame
+    was taken at. Then z is tracked in absolute depth as the live service does
+    (`focaltrack.models.analyser.FrameAnalyser`); a frame without rows keeps the focus of the
+    frame before it.
     """
+    # The analyser imports this module; it is the one place that turns a frame's
+    # localizations and focus into tracks, live and here.
+    from focaltrack.models.analyser import FrameAnalyser
+    from focaltrack.records import Localizations
+
     frame = np.asarray(frame).astype(np.int64, copy=False).reshape(-1)
     xyz = np.asarray(xyz_um, dtype=np.float64).reshape(-1, 3)
     if len(xyz) != len(frame):
@@ -602,16 +613,35 @@ def link_table(
         all_frames = np.arange(first, last + 1)
         all_t = all_frames / float(fps)
     sc = None if scores is None else np.asarray(scores, dtype=np.float64).reshape(-1)[order]
+    sz = None if stage_z_um is None else np.asarray(stage_z_um, dtype=np.float64).reshape(-1)
+    if sz is not None and len(sz) != len(frame):
+        raise ValueError(f"{len(sz)} stage positions for {len(frame)} localizations")
+    sz = None if sz is None else sz[order]
+    analyser = FrameAnalyser(None, tracker)
     parts: list[tuple[int, TrackFrame]] = []
+    focus = math.nan
     j = 0
     for f, tf in zip(all_frames.tolist(), all_t.tolist(), strict=True):
         if j < len(frames) and frames[j] == f:
             a, b = starts[j], ends[j]
             j += 1
+            if sz is not None:
+                focus = float(sz[a])
+                if not np.array_equal(sz[a:b], sz[a:b][:1].repeat(b - a), equal_nan=True):
+                    raise ValueError(f"frame {f}: rows disagree on stage_z_um")
         else:
             a = b = 0
+        p = xyz[order[a:b]]
+        locs = Localizations(
+            f,
+            p[:, 0],
+            p[:, 1],
+            p[:, 2],
+            np.ones(b - a) if sc is None else sc[a:b],
+            stage_z_um=focus,
+        )
         try:
-            res = tracker.update_frame(xyz[order[a:b]], tf, None if sc is None else sc[a:b])
+            res = analyser.track_only(locs, f, tf, focus, with_scores=sc is not None)
         except ValueError as e:
             raise ValueError(f"frame {f}: {e}") from e
         li = res.localization_row

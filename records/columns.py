@@ -75,10 +75,15 @@ def column(
     csv: bool = True,
     csv_format: str = "%.6g",
     enum: type[Enum] | None = None,
+    default: Any = dataclasses.MISSING,
 ) -> Any:
-    """A dataclass field carrying its `Column` (the name is taken from the attribute)."""
+    """A dataclass field carrying its `Column` (the name is taken from the attribute);
+    ``default``: the value of a field that callers may leave out; such a field is keyword-only,
+    so that columns without a default can still be added after it."""
     spec = Column("", dtype, unit, doc, wire, hdf5, csv, csv_format, enum)
-    return dataclasses.field(metadata={_KEY: spec})
+    if default is dataclasses.MISSING:
+        return dataclasses.field(metadata={_KEY: spec})
+    return dataclasses.field(default=default, kw_only=True, metadata={_KEY: spec})
 
 
 def columns_of(record: Any) -> tuple[Column, ...]:

@@ -3,6 +3,7 @@
 # ruff: noqa: RUF009  (`column` returns a `dataclasses.field`, which ruff cannot see)
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +19,8 @@ class Localizations:
 
     x = column × pixel size and y = row × pixel size (the centre of pixel (0, 0) is (0, 0));
     z is the distance from the focal plane in the calibration's convention (the defocus).
-    On the wire ``frame`` is the header's frame; in tables it is repeated on every row.
+    On the wire ``frame`` and ``stage_z_um`` are the header's; in tables they are repeated
+    on every row.
     """
 
     frame: int = column(
@@ -28,6 +30,20 @@ class Localizations:
     y_um: np.ndarray = column("f8", "µm", "lateral position y", csv_format="%.4f")
     z_um: np.ndarray = column("f8", "µm", "defocus, calibration's convention", csv_format="%.4f")
     score: np.ndarray = column("f4", "", "detection confidence in [0, 1]", csv_format="%.4f")
+    #: The focus (stage z) the frame was taken at; NaN where unknown (a TIFF). The wire has
+    #: it once per frame in the ``loc`` header and recordings in ``frame_meta``; the CSV and
+    #: HDF5 files of `focaltrack localize` have it as a last column where it is known (not
+    #: in `csv_columns`: files of TIFF input keep their five columns).
+    stage_z_um: float = column(
+        "f8",
+        "µm",
+        "stage focus position of the frame, NaN if unknown",
+        wire=None,
+        hdf5=False,
+        csv=False,
+        csv_format="%.4f",
+        default=math.nan,
+    )
 
     @property
     def xyz_um(self) -> np.ndarray:
@@ -37,6 +53,6 @@ class Localizations:
         return len(self.x_um)
 
     @classmethod
-    def empty(cls, frame: int) -> Localizations:
+    def empty(cls, frame: int, stage_z_um: float = math.nan) -> Localizations:
         z = np.zeros(0, dtype=np.float64)
-        return cls(frame, z, z.copy(), z.copy(), z.copy())
+        return cls(frame, z, z.copy(), z.copy(), z.copy(), stage_z_um=stage_z_um)
