@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from focaltrack.daemon.jobs import Job, JobTable, TrainProcess, TrainRequest
-from focaltrack.daemon.pipeline import SimBeadSwap
+from focaltrack.daemon.microscope import sim_bead
 from focaltrack.daemon.protocol import (
     ErrorCode,
     EventKind,
@@ -30,7 +30,7 @@ if TYPE_CHECKING:
     from focaltrack.daemon.publisher import Publisher
     from focaltrack.daemon.state import ServiceState
     from focaltrack.daemon.workspace import Workspace
-    from focaltrack.drivers.base import CameraInfo
+    from focaltrack.drivers.base import CameraInfo, Driver
 
 log = logging.getLogger("focaltrack.service")
 
@@ -47,7 +47,7 @@ class JobRunner:
 
     def __init__(
         self,
-        driver: Any,
+        driver: Driver,
         camera: CameraInfo,
         *,
         ws: Workspace,
@@ -179,7 +179,7 @@ class JobRunner:
             )
 
         try:
-            with SimBeadSwap(self._driver).bead():
+            with sim_bead(self._driver):
                 raw = acquire_focal_stack(
                     self._driver,
                     z_range_um=float(args["z_range_um"]),

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from focaltrack.daemon.recording import RecordingSession
     from focaltrack.daemon.state import ServiceState
     from focaltrack.daemon.workspace import Workspace
-    from focaltrack.drivers.base import CameraInfo, Frame
+    from focaltrack.drivers.base import CameraInfo, Driver, Frame
     from focaltrack.models.localizer import Localizations
     from focaltrack.models.tracker import TrackFrame
 
@@ -51,7 +51,7 @@ class LiveSession:
 
     def __init__(
         self,
-        driver: Any,
+        driver: Driver,
         camera: CameraInfo,
         *,
         driver_config: DriverConfig,

@@ -16,9 +16,7 @@
 * The analysis thread always takes the newest frame. The localizer and tracker can be
   replaced between frames (`LivePipeline.swap_model`).
 
-Also here: `open_service_driver`, which builds the configured driver (the simulated microscope
-from ``[sim]`` or Micro-Manager from ``[driver]``), and `SimBeadSwap`, which puts one still
-bead in front of the simulated camera for a calibration.
+The driver itself is built by `focaltrack.daemon.microscope.open_service_driver`.
 """
 
 from __future__ import annotations
@@ -28,10 +26,9 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
@@ -39,10 +36,8 @@ from focaltrack.drivers.base import CameraTimeoutError, DriverError, StreamEnded
 from focaltrack.models.tracker import defocus_to_depth, tracks_at_focus
 
 if TYPE_CHECKING:
-    from focaltrack.daemon.config import ServiceConfig
     from focaltrack.daemon.metrics import ServiceMetrics
-    from focaltrack.drivers.base import Frame
-    from focaltrack.drivers.micromanager import MicroManagerDriver
+    from focaltrack.drivers.base import Driver, Frame
     from focaltrack.models.localizer import Localizations, Localizer
     from focaltrack.models.tracker import KalmanTracker, TrackFrame
 
@@ -53,100 +48,7 @@ __all__ = [
     "FrameSink",
     "LivePipeline",
     "NewestFrameQueue",
-    "SimBeadSwap",
-    "open_service_driver",
 ]
-
-#: The simulated calibration bead: photons per exposure (as `focaltrack calibrate --driver sim`).
-SIM_BEAD_PHOTONS = 60000.0
-
-
-# ============================================================================ driver
-
-
-def open_service_driver(cfg: ServiceConfig) -> MicroManagerDriver:
-    """The driver ``cfg.driver`` names; the simulator is built from ``cfg.sim``."""
-    from focaltrack.drivers.factory import open_driver
-
-    d = cfg.driver
-    px = d.pixel_size_um if d.pixel_size_um > 0 else None
-    if d.kind == "sim":
-        from focaltrack.sim.optics import SIM_ABERRATIONS, Optics
-        from focaltrack.sim.psf import PSFModel
-        from focaltrack.sim.scene import Scene
-
-        s = cfg.sim
-        optics = Optics(aberrations=SIM_ABERRATIONS)
-        field_px = optics.pixel_size_um
-        scene = Scene(
-            field_um=(s.width * field_px, s.height * field_px),
-            z_range_um=(float(s.z_range_um[0]), float(s.z_range_um[1])),
-            n_emitters=s.n_emitters,
-            motion=s.motion,
-            diffusion_um2_s=s.diffusion_um2_s,
-            velocity_um_s=list(s.velocity_um_s),
-            seed=s.seed,
-        )
-        # Load (or build, once per machine) the PSF library before any snap waits on it.
-        model = PSFModel.shared(optics)
-        return open_driver(
-            "sim",
-            scene=scene,
-            optics=optics,
-            psf_model=model,
-            width=s.width,
-            height=s.height,
-            exposure_ms=d.exposure_ms,
-            seed=s.seed,
-            pixel_size_um=px,
-        )
-    if d.attach:
-        return open_driver("micromanager", attach=True, port=d.port, pixel_size_um=px)
-    if not d.mm_app_path or not d.mm_config:
-        raise DriverError(
-            "driver.kind = 'micromanager' needs driver.mm_app_path and driver.mm_config "
-            "(or driver.attach = true to use a running Micro-Manager)"
-        )
-    return open_driver(
-        "micromanager", mm_app_path=d.mm_app_path, mm_config=d.mm_config, pixel_size_um=px
-    )
-
-
-class SimBeadSwap:
-    """For the simulated microscope only: a still bead in focus at the field centre in place
-    of the moving sample, for the duration of a ``with`` block (a calibration)."""
-
-    def __init__(self, driver: Any) -> None:
-        self.core: Any = getattr(driver, "core", None)
-        self.driver = driver
-
-    @property
-    def applies(self) -> bool:
-        from focaltrack.drivers.simcore import SimulatedCore
-
-        return isinstance(self.core, SimulatedCore)
-
-    @contextmanager
-    def bead(self) -> Iterator[None]:
-        if not self.applies:
-            yield
-            return
-        from focaltrack.sim.scene import Scene
-
-        core = self.core
-        px = core.optics.pixel_size_um
-        focus = float(self.driver.get_z())
-        # Off the pixel grid on purpose, as the CLI's simulated calibration.
-        xyz = [[(core.width / 2 + 0.3) * px, (core.height / 2 - 0.2) * px, focus]]
-        with self.driver.lock:
-            saved = core.scene
-            core.scene = Scene.static(xyz, SIM_BEAD_PHOTONS)
-        try:
-            yield
-        finally:
-            with self.driver.lock:
-                core.scene = saved
-
 
 # ============================================================================ queue
 
@@ -236,7 +138,7 @@ class LivePipeline:
 
     def __init__(
         self,
-        driver: Any,
+        driver: Driver,
         model: AnalysisModel,
         sink: FrameSink,
         metrics: ServiceMetrics,

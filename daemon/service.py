@@ -62,7 +62,7 @@ from focaltrack.daemon.workspace import Workspace
 from focaltrack.drivers.base import DriverError
 
 if TYPE_CHECKING:
-    from focaltrack.drivers.base import CameraInfo
+    from focaltrack.drivers.base import CameraInfo, Driver
 
 log = logging.getLogger("focaltrack.service")
 
@@ -85,7 +85,7 @@ class Service:
         self,
         config: ServiceConfig,
         *,
-        driver: Any = None,
+        driver: Driver | None = None,
         train_overrides: Mapping[str, Any] | None = None,
     ) -> None:
         self.config = config
@@ -160,20 +160,19 @@ class Service:
         control.start()
 
     def _open_driver(self) -> None:
-        if self._driver is None:
-            from focaltrack.daemon.pipeline import open_service_driver
+        driver = self._driver
+        if driver is None:
+            from focaltrack.daemon.microscope import open_service_driver
 
             log.info("opening the %s driver", self.config.driver.kind)
-            self._driver = open_service_driver(self.config)
+            driver = self._driver = open_service_driver(self.config)
         d = self.config.driver
         if d.exposure_ms > 0:
             try:
-                from focaltrack.drivers.calibrate import _set_exposure
-
-                _set_exposure(self._driver, d.exposure_ms)
+                driver.set_exposure_ms(float(d.exposure_ms))
             except DriverError as e:
                 log.warning("could not set the exposure to %g ms: %s", d.exposure_ms, e)
-        c = self._camera = self._driver.describe()
+        c = self._camera = driver.describe()
         log.info(
             "camera %s: %d×%d px, %d bit, %.4g µm/px, exposure %g ms",
             c.name,
@@ -187,13 +186,13 @@ class Service:
     def _compose(self, ws: Workspace) -> tuple[ControlServer, LiveSession]:
         """Make the parts (the driver is open) and the control server's handler table."""
         cfg, shared, pub, metrics = self.config, self._shared, self._publisher, self.metrics
-        camera = self._camera
-        assert camera is not None, "open the driver first"
+        camera, driver = self._camera, self._driver
+        assert camera is not None and driver is not None, "open the driver first"
         recording = RecordingSession(
             ws, cfg.recording, state=shared, publisher=pub, metrics=metrics
         )
         live = self._live = LiveSession(
-            self._driver,
+            driver,
             camera,
             driver_config=cfg.driver,
             analysis=cfg.analysis,
@@ -205,7 +204,7 @@ class Service:
             watchdog=self._notifier.watchdog,
         )
         jobs = self._jobs = JobRunner(
-            self._driver,
+            driver,
             camera,
             ws=ws,
             driver_config=cfg.driver,

@@ -125,3 +125,11 @@ class SimulatorHooks(Protocol):
         """For a ``with`` block: one still bead in focus near the field centre instead of the
         sample (what a calibration looks at), the sample back afterwards."""
         ...
+
+    def stick_stage(self, stuck: bool) -> None:
+        """Fault injection: while stuck, the stage accepts moves but stays put and busy."""
+        ...
+
+    def stall_camera(self, stalled: bool) -> None:
+        """Fault injection: while stalled, the camera delivers no frames."""
+        ...

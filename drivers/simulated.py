@@ -42,6 +42,14 @@ class SimulatedMicroscope(MicroManagerDriver):
             self._sim.scene = scene
         return old
 
+    # The fault flags are plain attributes the core polls (a stalled frame loop waits on
+    # one), so they are set without the driver's lock.
+    def stick_stage(self, stuck: bool) -> None:
+        self._sim.stage_stuck = bool(stuck)
+
+    def stall_camera(self, stalled: bool) -> None:
+        self._sim.camera_stalled = bool(stalled)
+
     @contextmanager
     def still_bead(self, photons: float) -> Iterator[None]:
         from focaltrack.sim.scene import Scene

@@ -460,7 +460,7 @@ def _live_run(
 ) -> dict[str, Any]:
     from focaltrack.daemon.client import ControlClient, Subscriber
     from focaltrack.daemon.config import load_config
-    from focaltrack.daemon.pipeline import open_service_driver
+    from focaltrack.daemon.microscope import open_service_driver
     from focaltrack.daemon.service import Service
 
     with tempfile.TemporaryDirectory(prefix="focaltrack-bench-") as tmp:

@@ -474,7 +474,7 @@ def _import_model(src: Path, workspace: Path) -> str:
 def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]:
     """Run the demo; returns the summary (also written to ``out/summary.json``)."""
     from focaltrack.daemon.client import ControlClient, Subscriber
-    from focaltrack.daemon.pipeline import open_service_driver
+    from focaltrack.daemon.microscope import open_service_driver
     from focaltrack.daemon.service import Service
 
     s.check()
