@@ -30,6 +30,7 @@ from importlib import resources
 from typing import Any
 
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.common.files import json_default
 from focaltrack.records.tracks import Tracks, TrackStatus
 from focaltrack.records.wire import (
     WIRE_SCHEMA_VERSION,
@@ -554,16 +555,7 @@ def error_reply(code: ErrorCode | str, message: str, id: str | None = None) -> d
 
 def dumps(obj: Any) -> bytes:
     """Compact UTF-8 JSON; NaN/inf are refused (other languages cannot read them)."""
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=_json_default).encode()
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, Enum):
-        return o.value
-    tolist = getattr(o, "tolist", None)  # numpy scalars and arrays
-    if tolist is not None:
-        return tolist()
-    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False, default=json_default).encode()
 
 
 # ----------------------------------------------------------------------------- publishing

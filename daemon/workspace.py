@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import re
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.common.files import write_text_atomic
 
 log = logging.getLogger("focaltrack.workspace")
 
@@ -209,16 +209,8 @@ class Workspace:
             if value is not None:
                 check_name(value, f"{what} name")
         text = json.dumps({"calibration": state.calibration, "model": state.model}, indent=2)
-        fd, tmp = tempfile.mkstemp(prefix=".state.", suffix=".tmp", dir=self.root)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(text + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.state_path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # fsync: the service's choice of model must survive a power cut
+        write_text_atomic(self.state_path, text + "\n", fsync=True)
 
     def update_state(self, **changes: str | None) -> WorkspaceState:
         """Change ``calibration`` and/or ``model`` and write; returns the new state."""

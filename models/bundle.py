@@ -37,6 +37,7 @@ import torch
 
 from focaltrack.calibration import Calibration, CalibrationError
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.common.files import json_default
 from focaltrack.models.nets import AxialConfig, AxialNet, LateralConfig, LateralNet
 
 BUNDLE_SCHEMA_VERSION = 2
@@ -86,7 +87,7 @@ def save_bundle(
         meta.setdefault("schema_version", BUNDLE_SCHEMA_VERSION)
         meta["lateral"] = lateral.cfg.to_dict()
         meta["axial"] = axial.cfg.to_dict()
-        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        (tmp / "bundle.json").write_text(json.dumps(meta, indent=2, default=json_default))
         (tmp / MARKER).write_text(meta.get("created_utc", "") + "\n")
         _fsync_dir(tmp)
         if out.exists():
@@ -110,12 +111,6 @@ def _fsync_dir(d: Path) -> None:
     for p in d.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-
-
-def _json_default(o: object) -> object:
-    if hasattr(o, "tolist"):
-        return o.tolist()  # numpy arrays and scalars
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

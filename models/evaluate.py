@@ -51,9 +51,9 @@ from focaltrack.models.evaluate_scoring import (
     PointResult,
     PointSpec,
     as_xyz_um,
-    score_frames,
-    tol_key,
+    score_frames_with_ci,
 )
+from focaltrack.models.metrics import DEFAULT_TOLERANCES_UM, tolerance_key
 from focaltrack.sim.render import FrameEmitters, Geometry, Microscope, Renderer, random_scene
 from focaltrack.sim.snr import (
     SNR_DEFINITION,
@@ -94,7 +94,7 @@ __all__ = [
     "markdown",
     "random_scene",
     "run_point",
-    "score_frames",
+    "score_frames_with_ci",
     "signal_for_snr_e",
     "snr_db_of",
     "summary_text",
@@ -104,8 +104,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: The paper's tolerance radius (seed 002 §2.2) and a tighter one (≈ the lateral resolution).
-DEFAULT_TOLERANCES_UM: tuple[float, ...] = (10.0, 2.0)
 DEFAULT_SNR_DB: tuple[float, ...] = (0.0, 5.0, 10.0, 15.0, 20.0, 30.0)
 DEFAULT_DENSITIES: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 100)
 #: The density sweep runs where noise is not what limits detection, so it measures crowding.
@@ -252,7 +250,7 @@ def run_point(
     t0 = time.perf_counter()
     preds = _localize_all(localizer, frames, settings.batch)
     spf = (time.perf_counter() - t0) / spec.frames
-    scores, pairs = score_frames(preds, truths, settings.tolerances_um, rng)
+    scores, pairs = score_frames_with_ci(preds, truths, settings.tolerances_um, rng)
     image_snr = 10 * math.log10(sig2 / var) if sig2 > 0 and var > 0 else float("nan")
     saturated = float(np.mean(frames >= mic.camera.max_adu))
     return PointResult(spec, exp, image_snr, spf, saturated, scores, pairs)
@@ -309,7 +307,7 @@ def evaluate(
             len(settings.specs()),
             spec.experiment,
             spec.label,
-            res.scores[tol_key(settings.tolerances_um[0])]["jaccard"],
+            res.scores[tolerance_key(settings.tolerances_um[0])]["jaccard"],
         )
         if progress is not None:
             progress(res)

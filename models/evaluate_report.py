@@ -14,8 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.common.files import clean, fmt, write_text_atomic
 from focaltrack.common.version import __version__
-from focaltrack.models.evaluate_scoring import PointResult, clean_json, tol_key, tol_text
+from focaltrack.models.evaluate_scoring import PointResult, tol_text
+from focaltrack.models.metrics import tolerance_key
 from focaltrack.sim.render import Geometry, Microscope
 from focaltrack.sim.snr import SNR_DEFINITION
 
@@ -64,7 +66,7 @@ class Report:
 
     @property
     def paper_tol(self) -> str:
-        return tol_key(self.settings.tolerances_um[0])
+        return tolerance_key(self.settings.tolerances_um[0])
 
     def checks(self) -> list[dict[str, Any]]:
         """The targets the model is judged against, each with its measured value."""
@@ -142,7 +144,7 @@ class Report:
                 "axial_abs_error_quantiles_um": abs_error_quantiles(iso[0], self.paper_tol),
             }
         g = self.geometry
-        return clean_json(
+        return clean(
             {
                 "schema_version": SCHEMA_VERSION,
                 "kind": REPORT_KIND,
@@ -216,11 +218,8 @@ def axial_by_depth(
 
 
 def _fmt(v: Any, nd: int = 3) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "—"
-    if isinstance(v, float):
-        return f"{v:.{nd}f}"
-    return str(v)
+    """A table cell: ``nd`` decimals, a dash where there is no number."""
+    return fmt(v, f".{nd}f", missing="—")
 
 
 def _table(points: list[PointResult], first: str, key: str) -> list[str]:
@@ -245,7 +244,7 @@ def _table(points: list[PointResult], first: str, key: str) -> list[str]:
 def markdown(report: Report) -> str:
     d = report.to_json()
     g, st, m = d["geometry"], d["settings"], d["model"]
-    tols = [tol_key(t) for t in report.settings.tolerances_um]
+    tols = [tolerance_key(t) for t in report.settings.tolerances_um]
     out = [
         "# focaltrack evaluation on the simulated microscope",
         "",
@@ -355,7 +354,7 @@ def markdown(report: Report) -> str:
 
 def summary_text(report: Report) -> str:
     """A compact table for the terminal (paper tolerance and the tighter one)."""
-    tols = [tol_key(t) for t in report.settings.tolerances_um]
+    tols = [tolerance_key(t) for t in report.settings.tolerances_um]
     head = f"{'experiment':<9} {'point':<16}" + "".join(
         f" {'J@' + k:>9} {'lat':>6} {'ax':>6} {'3D':>6}" for k in tols
     )
@@ -384,8 +383,8 @@ def plot(report: Report, out_dir: Path) -> list[Path]:
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    tols = [tol_key(t) for t in report.settings.tolerances_um]
-    tol_label = {tol_key(t): f"{t:g} µm" for t in report.settings.tolerances_um}
+    tols = [tolerance_key(t) for t in report.settings.tolerances_um]
+    tol_label = {tolerance_key(t): f"{t:g} µm" for t in report.settings.tolerances_um}
     plain = FuncFormatter(lambda v, _pos: f"{v:g}")
     styles = ["-", "--", ":", "-."]
     colours = {"rmse_lateral_um": "C0", "rmse_axial_um": "C1", "rmse_3d_um": "C3"}
@@ -541,23 +540,14 @@ def check_writable(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_report(report: Report, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """results.json, README.md and the PNG plots in ``out_dir``."""
     out = check_writable(out_dir)
     paths = {"json": out / "results.json", "markdown": out / "README.md"}
-    _write_atomic(paths["json"], json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n")
-    _write_atomic(paths["markdown"], markdown(report) + "\n")
+    # to_json is already strict JSON (clean): no default= needed
+    text = json.dumps(report.to_json(), indent=2, allow_nan=False) + "\n"
+    write_text_atomic(paths["json"], text)
+    write_text_atomic(paths["markdown"], markdown(report) + "\n")
     for p in plot(report, out):
         paths[p.stem] = p
     return paths

@@ -1,20 +1,21 @@
 """Scoring one evaluation point: what is evaluated, the point's spec and result, the scores.
 
-Scores come from `focaltrack.models.metrics`: one-to-one (Hungarian) matching within a 3D
-tolerance, Jaccard = TP / (TP + FP + FN), precision, recall, lateral / axial / 3D RMSE over
-matched pairs, pooled over a point's frames with frame-bootstrap 95 % intervals.
+Scores come from `focaltrack.models.metrics` (the scorer the demo uses too): one-to-one
+(Hungarian) matching within a 3D tolerance, Jaccard = TP / (TP + FP + FN), precision, recall,
+lateral / axial / 3D RMSE over matched pairs, pooled over a point's frames
+(`match_frames`, `pooled_summary`). `score_frames_with_ci` adds what only the evaluation
+needs: frame-bootstrap 95 % intervals and the matched pairs for the depth plots.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from focaltrack.models.metrics import MatchResult, combine, match
+from focaltrack.models.metrics import MatchResult, match_frames, pooled_summary, tolerance_key
 from focaltrack.sim.snr import Exposure
 
 __all__ = [
@@ -22,9 +23,7 @@ __all__ = [
     "PointResult",
     "PointSpec",
     "as_xyz_um",
-    "clean_json",
-    "score_frames",
-    "tol_key",
+    "score_frames_with_ci",
     "tol_text",
 ]
 
@@ -95,13 +94,9 @@ class PointResult:
         }
 
 
-def tol_key(tol_um: float) -> str:
-    """The JSON key of a tolerance: ``10um``."""
-    return f"{tol_um:g}um"
-
-
 def tol_text(key: str) -> str:
-    """A tolerance key for people: ``10um`` → ``10 µm``."""
+    """A tolerance key (`focaltrack.models.metrics.tolerance_key`) for people: ``10um`` →
+    ``10 µm``."""
     return key.removesuffix("um") + " µm"
 
 
@@ -137,45 +132,30 @@ def _bootstrap_ci(
     return out
 
 
-def clean_json(v: Any) -> Any:
-    """JSON-safe: NaN → None, numpy scalars → Python."""
-    if isinstance(v, dict):
-        return {k: clean_json(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [clean_json(x) for x in v]
-    if isinstance(v, (np.floating, float)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, np.integer):
-        return int(v)
-    if isinstance(v, np.bool_):
-        return bool(v)
-    return v
-
-
-def score_frames(
+def score_frames_with_ci(
     preds: Sequence[np.ndarray],
     truths: Sequence[np.ndarray],
     tolerances_um: Iterable[float],
     rng: np.random.Generator | None = None,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
-    """Pooled scores per tolerance, with frame-bootstrap 95 % intervals.
-
-    Also returns, per tolerance, the matched pairs as rows (truth x, y, z, error x, y, z).
+    """`focaltrack.models.metrics` pooled scores per tolerance, plus frame-bootstrap 95 %
+    intervals (``ci95``) and, per tolerance, the matched pairs as rows (truth x, y, z,
+    error x, y, z). An RMSE without any match is ``None``, as in `pooled_summary`.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     scores: dict[str, dict[str, Any]] = {}
     pairs: dict[str, np.ndarray] = {}
     for tol in tolerances_um:
-        per_frame = [match(p, t, tol) for p, t in zip(preds, truths, strict=True)]
-        pooled = combine(per_frame)
-        s: dict[str, Any] = dict(pooled.summary())
-        s["tolerance_um"] = float(tol)
+        key = tolerance_key(tol)
+        per_frame = match_frames(preds, truths, tol)
+        s = pooled_summary(per_frame, tol)
+        # the report has always listed tolerance_um after the scores: keep results.json as it was
+        s["tolerance_um"] = s.pop("tolerance_um")
         s["ci95"] = _bootstrap_ci(per_frame, rng)
-        scores[tol_key(tol)] = s
+        scores[key] = s
         rows = [
             np.column_stack([t[r.true_idx], r.errors_um])
             for r, t in zip(per_frame, truths, strict=True)
         ]
-        pairs[tol_key(tol)] = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6))
+        pairs[key] = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6))
     return scores, pairs

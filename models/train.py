@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from focaltrack.calibration import Calibration
+from focaltrack.common.files import fmt
 from focaltrack.common.version import __version__
 from focaltrack.models.bundle import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, ModelBundle, save_bundle
 from focaltrack.models.localizer import Candidates, DecodeSettings, Localizer, decode_candidates
@@ -336,8 +337,9 @@ def train(
         f"train: validation (synthetic frames, {preset.val_emitters} emitters in 100 × 100 µm, "
         "tolerance 10 µm): "
         + "; ".join(
-            f"{k}: Jaccard {_fmt(r['jaccard'], 3)}, RMSE xy {_fmt(r['rmse_lateral_um'])} µm, "
-            f"z {_fmt(r['rmse_axial_um'])} µm"
+            f"{k}: Jaccard {fmt(r['jaccard'], '.3f', missing='n/a')}, "
+            f"RMSE xy {fmt(r['rmse_lateral_um'], '.2f', missing='n/a')} µm, "
+            f"z {fmt(r['rmse_axial_um'], '.2f', missing='n/a')} µm"
             for k, r in v["by_snr"].items()
         )
         + f"; thresholds lateral {decode.lateral_threshold:g}, axial {decode.axial_threshold:g}"
@@ -541,10 +543,6 @@ def _report(vs: _ValSet, loc: Localizer, st: DecodeSettings) -> dict[str, Any]:
         "tolerance_um": VALIDATION_TOLERANCE_UM,
         "by_snr": by_snr,
     }
-
-
-def _fmt(v: float | None, digits: int = 2) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def _finite_or_none(v: float) -> float | None:

@@ -45,6 +45,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.common.files import clean, write_text_atomic
 from focaltrack.drivers.base import Driver
 from focaltrack.drivers.replay import ReplayCamera
 from focaltrack.sim.scene import render_flow_frames
@@ -112,17 +113,7 @@ class SizeResult:
     def as_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["keeps_up"] = self.keeps_up
-        return _clean(d)
-
-
-def _clean(o: Any) -> Any:
-    if isinstance(o, dict):
-        return {k: _clean(v) for k, v in o.items()}
-    if isinstance(o, list | tuple):
-        return [_clean(v) for v in o]
-    if isinstance(o, float) and not math.isfinite(o):
-        return None
-    return o
+        return clean(d)
 
 
 def _pct_ms(values: Sequence[float], q: float) -> float | None:
@@ -268,9 +259,7 @@ def run(args: argparse.Namespace) -> int:
         stream=sys.stdout,
     )
     if args.json is not None:
-        tmp = args.json.with_name(f".{args.json.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, args.json)
+        write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 

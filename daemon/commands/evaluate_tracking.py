@@ -101,10 +101,6 @@ def register(sub: Any) -> None:
 
 
 # --------------------------------------------------------------------------- report
-def _fmt(v: Any) -> str:
-    return fmt(v, ".3f", missing="nan")
-
-
 ROWS = (
     ("MOTA", "clear_mot", "mota"),
     ("MOTP (µm)", "clear_mot", "motp_um"),
@@ -126,7 +122,7 @@ ROWS = (
 
 def _cell(r: dict[str, Any], group: str | None, key: str) -> str:
     if group:
-        return _fmt(r[group][key])
+        return fmt(r[group][key], missing="nan")
     if key == "mt":
         return f"{r['clear_mot']['mostly_tracked']} / {r['n_truth_tracks']}"
     if key == "rmse":
@@ -134,7 +130,7 @@ def _cell(r: dict[str, Any], group: str | None, key: str) -> str:
         return f"{s['rmse_tracks_3d_um']:.3f} / {s['rmse_localizations_3d_um']:.3f}"
     if key == "n_conf":
         return str(r["n_tracks_confirmed"])
-    return _fmt(r["tracker_ms_per_frame"])
+    return fmt(r["tracker_ms_per_frame"], missing="nan")
 
 
 def summary_text(report: dict[str, Any]) -> str:
