@@ -22,10 +22,9 @@ from focaltrack.daemon.protocol import (
     ProtocolError,
     State,
     Topic,
-    loc_header,
-    track_header,
 )
 from focaltrack.drivers.base import DriverError
+from focaltrack.records.wire import loc_message, track_message
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -37,8 +36,7 @@ if TYPE_CHECKING:
     from focaltrack.daemon.state import ServiceState
     from focaltrack.daemon.workspace import Workspace
     from focaltrack.drivers.base import CameraInfo, Driver, Frame
-    from focaltrack.models.localizer import Localizations
-    from focaltrack.models.tracker import TrackFrame
+    from focaltrack.records import Localizations, Tracks
 
 log = logging.getLogger("focaltrack.service")
 
@@ -242,48 +240,39 @@ class LiveSession:
         self,
         frame: Frame,
         locs: Localizations,
-        tracks: TrackFrame,
+        tracks: Tracks,
         inference_s: float,
         model_name: str,
     ) -> None:
-        """`FrameSink`: publish one analysed frame, record it."""
+        """`FrameSink`: publish one analysed frame (the records as ``loc`` and ``track``
+        messages), record it."""
         pub = self._publisher
-        cols = tracks.as_columns()
         z = frame.stage_z_um
         pub.publish(
-            loc_header(
+            loc_message(
+                locs,
                 seq=pub.next_seq(Topic.LOC),
                 frame=frame.index,
                 t_acq_s=frame.t_acq_s,
                 stage_z_um=z,
-                x_um=locs.x_um,
-                y_um=locs.y_um,
-                z_um=locs.z_um,
-                score=locs.score,
                 model=model_name,
                 inference_s=inference_s,
             )
         )
         pub.publish(
-            track_header(
+            track_message(
+                tracks,
                 seq=pub.next_seq(Topic.TRACK),
                 frame=frame.index,
                 t_acq_s=frame.t_acq_s,
                 stage_z_um=z,
-                columns=cols,
             )
         )
         latency = time.time() - frame.t_acq_s
         if math.isfinite(latency) and latency >= 0:
             self._metrics.frame_to_publish_seconds.observe(latency)
         if self.recording.active:
-            loc_cols = {
-                "x_um": locs.x_um,
-                "y_um": locs.y_um,
-                "z_um": locs.z_um,
-                "score": locs.score,
-            }
-            self.recording.add_results(frame.index, loc_cols, cols)
+            self.recording.add_results(frame.index, locs, tracks)
 
     def _on_camera_fault(self, message: str, attempt: int) -> None:
         if not self._state.set_from((State.LIVE, State.ERROR), State.ERROR):

@@ -30,16 +30,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
-
 from focaltrack.drivers.base import CameraTimeoutError, DriverError, StreamEnded
-from focaltrack.models.tracker import defocus_to_depth, tracks_at_focus
+from focaltrack.models.analyser import FrameAnalyser
 
 if TYPE_CHECKING:
     from focaltrack.daemon.metrics import ServiceMetrics
     from focaltrack.drivers.base import Driver, Frame
     from focaltrack.models.localizer import Localizations, Localizer
-    from focaltrack.models.tracker import KalmanTracker, TrackFrame
+    from focaltrack.models.tracker import KalmanTracker
+    from focaltrack.records import Tracks
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +116,10 @@ class AnalysisModel:
     localizer: Localizer
     make_tracker: Callable[[], KalmanTracker]
 
+    def analyser(self) -> FrameAnalyser:
+        """A `FrameAnalyser` with a fresh tracker: the one analysis live and offline."""
+        return FrameAnalyser(self.localizer, self.make_tracker())
+
 
 class FrameSink(Protocol):
     """Where the analysis sends each frame's results (the service's live session: PUB,
@@ -126,7 +129,7 @@ class FrameSink(Protocol):
         self,
         frame: Frame,
         locs: Localizations,
-        tracks: TrackFrame,
+        tracks: Tracks,
         inference_s: float,
         model_name: str,
     ) -> None: ...
@@ -303,7 +306,7 @@ class LivePipeline:
     # ------------------------------------------------------------------ analysis thread
     def _analyse(self) -> None:
         m = self.metrics
-        tracker = self._model.make_tracker()
+        analyser = self._model.analyser()
         last_t: float | None = None
         while not self._stop.is_set():
             frame, skipped = self.queue.get(timeout_s=0.2)
@@ -316,28 +319,19 @@ class LivePipeline:
             pending = self._pending_model
             if pending is not None:
                 self._model, self._pending_model = pending, None
-                tracker = pending.make_tracker()
+                analyser = pending.analyser()
                 last_t = None
                 log.info("live analysis now uses model %s", pending.name)
             if last_t is not None and not frame.t_acq_s > last_t:
                 continue  # the tracker needs strictly increasing times
             try:
-                t0 = time.perf_counter()
-                locs = self._model.localizer.localize(frame.pixels, frame_index=frame.index)
-                inference_s = time.perf_counter() - t0
                 # Tracked in absolute depth so that a focus move is not seen as motion;
                 # published, like the localizations, as defocus at this frame's focus.
-                focus = float(frame.stage_z_um)
-                xyz = defocus_to_depth(locs.xyz_um, focus)
-                ok = np.all(np.isfinite(xyz), axis=1) if len(locs) else None
-                tracks = tracks_at_focus(
-                    tracker.update_frame(
-                        xyz if ok is None else xyz[ok],
-                        frame.t_acq_s,
-                        None if ok is None else np.asarray(locs.score)[ok],
-                    ),
-                    focus,
+                locs, at_focus = analyser.analyse(
+                    frame.pixels, frame.index, frame.t_acq_s, frame.stage_z_um
                 )
+                inference_s = analyser.last_inference_s
+                tracks = at_focus.record(frame.index)
                 last_t = frame.t_acq_s
                 m.inference_seconds.observe(inference_s)
                 m.localizations_per_frame.observe(len(locs))

@@ -548,6 +548,7 @@ def link_table(
     tracker: KalmanTracker | None = None,
     frame_range: tuple[int, int] | None = None,
     stage_z_um: np.ndarray | None = None,
+    frame_meta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
 ) -> TrackTable:
     """Track a whole table of localizations (one row each, grouped by ``frame``).
 
@@ -562,6 +563,10 @@ def link_table(
     was taken at. Then z is tracked in absolute depth as the live service does
     (`focaltrack.models.analyser.FrameAnalyser`); a frame without rows keeps the focus of the
     frame before it.
+
+    ``frame_meta=(frames, t_s, stage_z_um)``: exactly the frames to process, with their times
+    and focus (a recording's analysed frames; ``t_s``, ``fps`` and ``stage_z_um`` are then
+    not given). Rows of other frames are an error.
     """
     # The analyser imports this module; it is the one place that turns a frame's
     # localizations and focus into tracks, live and here.
@@ -572,16 +577,31 @@ def link_table(
     xyz = np.asarray(xyz_um, dtype=np.float64).reshape(-1, 3)
     if len(xyz) != len(frame):
         raise ValueError(f"{len(frame)} frame numbers for {len(xyz)} localizations")
-    if (t_s is None) == (fps is None):
+    if frame_meta is not None:
+        if t_s is not None or fps is not None or stage_z_um is not None:
+            raise ValueError("frame_meta gives the times and focus; no t_s, fps or stage_z_um")
+    elif (t_s is None) == (fps is None):
         raise ValueError("give exactly one of frame times (t_s) and fps")
     tracker = KalmanTracker(config) if tracker is None else tracker
     order = np.argsort(frame, kind="stable")
     fr_sorted = frame[order]
-    if not len(frame) and frame_range is None:
+    if not len(frame) and frame_range is None and frame_meta is None:
         return TrackTable.empty()
     frames, starts = np.unique(fr_sorted, return_index=True)
     ends = np.append(starts[1:], len(fr_sorted))
-    if t_s is not None:
+    all_z: np.ndarray | None = None
+    if frame_meta is not None:
+        all_frames = np.asarray(frame_meta[0], dtype=np.int64).reshape(-1)
+        all_t = np.asarray(frame_meta[1], dtype=np.float64).reshape(-1)
+        all_z = np.asarray(frame_meta[2], dtype=np.float64).reshape(-1)
+        if not len(all_frames) == len(all_t) == len(all_z):
+            raise ValueError("frame_meta: frames, times and focus differ in length")
+        if np.any(np.diff(all_frames) <= 0):
+            raise ValueError("frame_meta: frame numbers must strictly increase")
+        lost = np.setdiff1d(frames, all_frames)
+        if len(lost):
+            raise ValueError(f"frame {lost[0]}: localizations of a frame not in frame_meta")
+    elif t_s is not None:
         t = np.asarray(t_s, dtype=np.float64).reshape(-1)[order]
         t_frames = t[starts]
         for f, a, b in zip(frames, starts, ends, strict=True):
@@ -621,7 +641,9 @@ def link_table(
     parts: list[tuple[int, TrackFrame]] = []
     focus = math.nan
     j = 0
-    for f, tf in zip(all_frames.tolist(), all_t.tolist(), strict=True):
+    for k, (f, tf) in enumerate(zip(all_frames.tolist(), all_t.tolist(), strict=True)):
+        if all_z is not None:
+            focus = float(all_z[k])
         if j < len(frames) and frames[j] == f:
             a, b = starts[j], ends[j]
             j += 1

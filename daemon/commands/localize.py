@@ -5,12 +5,16 @@ dataset (N, H, W): ``--dataset NAME``, or the file's only 3-D dataset; a 2-D dat
 frame). Output by extension: ``.csv`` (header ``frame,x_um,y_um,z_um,score``) or ``.h5``
 (one 1-D dataset per column in group ``localizations`` plus attributes naming the model,
 its calibration hash, pixel size and the input). ``frame`` is the 0-based index of the image
-in the input. Prints frames/s to stderr. See docs/models.md.
+in the input. A recording of the service (HDF5 with ``frame_meta/stage_z_um``) adds a last
+column ``stage_z_um``, the focus each frame was taken at, which `focaltrack track` uses to
+track across focus moves as the live service does. Prints frames/s to stderr. See
+docs/models.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -19,11 +23,13 @@ from typing import Any
 import numpy as np
 
 from focaltrack.daemon.argtypes import positive_float, positive_int
-from focaltrack.records import Localizations, concat, csv_columns
+from focaltrack.records import Localizations, columns_of, concat, csv_columns
 from focaltrack.records.columns import csv_rows
 
 #: The CSV header and the HDF5 datasets: the `Localizations` record's columns.
 COLUMNS = csv_columns(Localizations)
+#: The column added where the frames' focus is known (input from a recording).
+STAGE_Z = "stage_z_um"
 
 
 def _unit_float(text: str) -> float:
@@ -149,12 +155,36 @@ def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
         return np.asarray(f[found[0]][()])
 
 
+def read_stage_z(path: Path, n_frames: int) -> np.ndarray | None:
+    """The focus (µm) of each of the ``n_frames`` frames of a service recording
+    (``frame_meta/stage_z_um``), or None: a TIFF, another HDF5 file, or a length that does
+    not match the frames."""
+    with open(path, "rb") as fh:
+        if not fh.read(8).startswith(b"\x89HDF\r\n\x1a\n"):
+            return None
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        f = h5py.File(path, "r", libver="latest", swmr=True)
+    with f:
+        ds = f.get("frame_meta/stage_z_um")
+        if not isinstance(ds, h5py.Dataset) or ds.shape != (n_frames,):
+            return None
+        return np.asarray(ds[()], dtype=np.float64)
+
+
 def write_localizations(path: Path, locs: list[Localizations], attrs: dict[str, Any]) -> None:
-    """Write localizations (a list of `Localizations`) as CSV or HDF5, atomically."""
+    """Write localizations (a list of `Localizations`) as CSV or HDF5, atomically; with a
+    last column ``stage_z_um`` where any frame's focus is known."""
     import os
     import tempfile
 
     cols = _columns(locs)
+    names = COLUMNS
+    if any(np.isfinite(r.stage_z_um) for r in locs):
+        names = (*COLUMNS, STAGE_Z)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".h5", ".hdf5"):
         raise ValueError(f"--out must end in .csv or .h5, got {path.name}")
@@ -165,14 +195,19 @@ def write_localizations(path: Path, locs: list[Localizations], attrs: dict[str, 
     try:
         if suffix == ".csv":
             with open(tmp, "w", newline="") as fh:
-                fh.write(",".join(COLUMNS) + "\n")
-                fh.writelines(",".join(row) + "\n" for row in csv_rows(Localizations, cols))
+                fh.write(",".join(names) + "\n")
+                rows = csv_rows(Localizations, cols)
+                if names != COLUMNS:
+                    fmt = next(c.csv_format for c in columns_of(Localizations) if c.name == STAGE_Z)
+                    for row, z in zip(rows, cols[STAGE_Z].tolist(), strict=True):
+                        row.append(fmt % z)
+                fh.writelines(",".join(row) + "\n" for row in rows)
         else:
             import h5py
 
             with h5py.File(tmp, "w") as f:
                 g = f.create_group("localizations")
-                for c in COLUMNS:
+                for c in names:
                     g.create_dataset(c, data=cols[c])
                 for k, v in attrs.items():
                     g.attrs[k] = v
@@ -211,13 +246,16 @@ def run(args: argparse.Namespace) -> int:
             frames[i : i + args.batch], first_index=i, threshold=args.threshold
         )
     dt = time.perf_counter() - t0
+    stage_z = read_stage_z(args.frames, n)
+    if stage_z is not None:  # a recording: keep the focus of each frame
+        results = [dataclasses.replace(r, stage_z_um=float(stage_z[r.frame])) for r in results]
     attrs = {
         "model": str(args.model.resolve()),
         "calibration_sha256": loc.calibration.sha256,
         "pixel_size_um": loc.pixel_size_um,
         "input": str(args.frames.resolve()),
         "n_frames": n,
-        "columns": ",".join(COLUMNS),
+        "columns": ",".join((*COLUMNS, STAGE_Z) if stage_z is not None else COLUMNS),
         "z_convention": "distance from the focal plane as in the calibration (µm)",
     }
     write_localizations(args.out, results, attrs)

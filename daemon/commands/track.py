@@ -1,8 +1,12 @@
 """``focaltrack track``: link a localization table into Kalman tracks, offline.
 
-Input: the localizer's CSV (``frame,x_um,y_um,z_um[,score][,t_s],...``; other columns are
-ignored). Frame times come from ``t_s`` when the column exists, otherwise ``--fps`` gives
-them as ``frame / fps``. Output: ``.csv`` or ``.h5``, one row per live track per frame.
+Input: the localizer's CSV (``frame,x_um,y_um,z_um[,score][,t_s][,stage_z_um],...``; other
+columns are ignored), or a recording of the service (HDF5). Frame times come from ``t_s``
+when the column exists, otherwise ``--fps`` gives them as ``frame / fps``. With the frames'
+focus (``stage_z_um``; a recording has it in ``frame_meta``) the tracks are linked in
+absolute depth as the live service links them (`focaltrack.models.analyser`): a recording
+gives the tracks the service recorded. Output: ``.csv`` or ``.h5``, one row per live track
+per frame.
 See docs/tracking.md for the model, the parameters and both file formats.
 """
 
@@ -231,13 +235,54 @@ class LocalizationTable:
     xyz_um: np.ndarray  # (n, 3), may hold NaN
     t_s: np.ndarray | None  # (n,)
     score: np.ndarray | None  # (n,)
+    stage_z_um: np.ndarray | None = None  # (n,) the focus of each row's frame
+    #: A recording's analysed frames as ``(frames, t_s, stage_z_um)``: exactly the frames
+    #: the live service tracked, with their times and focus (see `read_recording`).
+    frame_meta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+
+def read_recording(path: Path) -> LocalizationTable:
+    """The localizations of a service recording, with its analysed frames' times and focus.
+
+    The frames linked are those with localizations or tracks in the recording: the live
+    service recorded both for every frame it analysed. (A frame analysed with neither, its
+    tracks all ended, cannot be told from a frame the analysis skipped; it is left out.)
+    """
+    import h5py
+
+    try:
+        f = h5py.File(path, "r")
+    except OSError:
+        f = h5py.File(path, "r", libver="latest", swmr=True)
+    with f:
+        if "frame_meta" not in f or "localizations" not in f:
+            raise ValueError(f"{path}: not a focaltrack recording (no frame_meta, localizations)")
+        g, m = f["localizations"], f["frame_meta"]
+        frame = np.asarray(g["frame"][()], dtype=np.int64)
+        xyz = np.stack([np.asarray(g[c][()], dtype=np.float64) for c in REQUIRED[1:]], 1)
+        score = np.asarray(g["score"][()], dtype=np.float64)
+        tracked = np.asarray(f["tracks/frame"][()], dtype=np.int64) if "tracks" in f else frame
+        idx = np.asarray(m["index"][()], dtype=np.int64)
+        t = np.asarray(m["t_acq_s"][()], dtype=np.float64)
+        z = np.asarray(m["stage_z_um"][()], dtype=np.float64)
+    keep = np.isin(idx, np.union1d(frame, tracked))
+    return LocalizationTable(
+        frame=frame,
+        xyz_um=xyz.reshape(-1, 3),
+        t_s=None,
+        score=score,
+        frame_meta=(idx[keep], t[keep], z[keep]),
+    )
 
 
 def read_localizations(path: Path) -> LocalizationTable:
-    """Read the localizer's CSV; errors name the line and the column."""
+    """Read the localizer's CSV (errors name the line and the column) or a recording."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
+    with path.open("rb") as fb:
+        if fb.read(8).startswith(b"\x89HDF\r\n\x1a\n"):
+            return read_recording(path)
     with path.open(newline="") as fh:
         reader = csv.reader(fh)
         try:
@@ -250,10 +295,11 @@ def read_localizations(path: Path) -> LocalizationTable:
                 f"{path}: missing column(s) {', '.join(missing)}; "
                 f"need {','.join(REQUIRED)} (found {','.join(header)})"
             )
-        col = {name: header.index(name) for name in (*REQUIRED, "t_s", "score") if name in header}
+        optional = ("t_s", "score", "stage_z_um")
+        col = {name: header.index(name) for name in (*REQUIRED, *optional) if name in header}
         frames: list[int] = []
         values: list[list[float]] = []
-        floats = [c for c in ("x_um", "y_um", "z_um", "t_s", "score") if c in col]
+        floats = [c for c in ("x_um", "y_um", "z_um", *optional) if c in col]
         for line, row in enumerate(reader, start=2):
             if not row or all(not c.strip() for c in row):
                 continue
@@ -287,6 +333,7 @@ def read_localizations(path: Path) -> LocalizationTable:
         xyz_um=np.stack([get["x_um"], get["y_um"], get["z_um"]], axis=1),
         t_s=get.get("t_s"),
         score=get.get("score"),
+        stage_z_um=get.get("stage_z_um"),
     )
 
 
@@ -365,7 +412,11 @@ def run(args: argparse.Namespace) -> int:
         raise FileExistsError(f"{out} exists (use --force to overwrite)")
     config = config_from_args(args)
     locs = read_localizations(args.input)
-    if locs.t_s is None and args.fps is None:
+    if locs.frame_meta is not None:  # a recording: its own times
+        if args.fps is not None:
+            log.info("using the recording's frame times; --fps is ignored")
+        args.fps = None
+    elif locs.t_s is None and args.fps is None:
         raise ValueError(f"{args.input}: no t_s column; give the frame rate with --fps")
     if locs.t_s is not None and args.fps is not None:
         log.info("using the t_s column for frame times; --fps is ignored")
@@ -377,6 +428,8 @@ def run(args: argparse.Namespace) -> int:
         fps=None if locs.t_s is not None else args.fps,
         scores=locs.score,
         tracker=tracker,
+        stage_z_um=locs.stage_z_um,
+        frame_meta=locs.frame_meta,
     )
     if args.confirmed_only:
         table = table.ever_confirmed()
