@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -68,7 +69,7 @@ class Publisher:
         """The next sequence number of ``topic`` (taken by the caller building a header)."""
         return self._seq.next(topic)
 
-    def publish(self, header: dict[str, Any], payload: bytes | None = None) -> None:
+    def publish(self, header: Mapping[str, Any], payload: bytes | None = None) -> None:
         frames = encode_message(header, payload)
         with self._lock:
             pub = self._pub
@@ -80,7 +81,7 @@ class Publisher:
                 return  # PUB drops at the high-water mark anyway
         self._metrics.published_messages.labels(topic=header["topic"]).inc()
 
-    def publish_safe(self, header: dict[str, Any]) -> None:
+    def publish_safe(self, header: Mapping[str, Any]) -> None:
         try:
             self.publish(header)
         except Exception as e:  # publishing must never take the caller down

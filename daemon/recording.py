@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from focaltrack.daemon import __version__
@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from focaltrack.daemon.state import ServiceState
     from focaltrack.daemon.workspace import Workspace
     from focaltrack.drivers.base import CameraInfo, Frame
+    from focaltrack.records import Localizations, Tracks
 
 log = logging.getLogger("focaltrack.service")
 
@@ -175,9 +176,7 @@ class RecordingSession:
         if r is not None and not r.add_frame(frame) and r.running:
             self._metrics.recording_dropped.inc()
 
-    def add_results(
-        self, frame_index: int, locs: Mapping[str, Any], tracks: Mapping[str, Any]
-    ) -> None:
+    def add_results(self, frame_index: int, locs: Localizations, tracks: Tracks) -> None:
         r = self._recorder
         if r is not None and not r.add_results(frame_index, locs, tracks) and r.running:
             self._metrics.recording_dropped.inc()

@@ -157,8 +157,11 @@ class Localizer:
         self.lateral: LateralNet = bundle.lateral
         self.axial: AxialNet = bundle.axial
         cl = torch.channels_last
-        self._lat = fuse_batchnorm(_clone(bundle.lateral)).to(self.device, memory_format=cl)
-        self._ax = fuse_batchnorm(_clone(bundle.axial)).to(self.device, memory_format=cl)
+        # torch's stubs leave out Module.to's documented ``memory_format`` keyword.
+        lat_net = fuse_batchnorm(_clone(bundle.lateral))
+        ax_net = fuse_batchnorm(_clone(bundle.axial))
+        self._lat = lat_net.to(self.device, memory_format=cl)  # type: ignore[call-overload]
+        self._ax = ax_net.to(self.device, memory_format=cl)  # type: ignore[call-overload]
         self._lat.eval()
         self._ax.eval()
         self.stride = self.lateral.stride
@@ -364,13 +367,13 @@ class Localizer:
         # pad to a multiple of 32 by repeating the last row/column: a band of zeros would be
         # a dark stripe the network never saw in training (its patches are multiples of 32)
         xp = F.pad(x[:, None], (0, pw, 0, ph), mode="replicate") if ph or pw else x[:, None]
-        out = self._lat(xp)
-        prob = torch.sigmoid(out[:, 0])
+        lat = self._lat(xp)
+        prob = torch.sigmoid(lat[:, 0])
         peak = (F.max_pool2d(prob[:, None], 3, 1, 1)[:, 0] == prob) & (prob >= thr)
         fi, ci, cj = torch.nonzero(peak, as_tuple=True)
         half = (s - 1) / 2
-        y = ci.float() * s + half + out[fi, 1, ci, cj] * s
-        xx = cj.float() * s + half + out[fi, 2, ci, cj] * s
+        y = ci.float() * s + half + lat[fi, 1, ci, cj] * s
+        xx = cj.float() * s + half + lat[fi, 2, ci, cj] * s
         p_lat = prob[fi, ci, cj]
         inside = (y > -0.5) & (y < h - 0.5) & (xx > -0.5) & (xx < w - 0.5)
         fi, y, xx, p_lat = fi[inside], y[inside], xx[inside], p_lat[inside]

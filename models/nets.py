@@ -97,8 +97,9 @@ class LateralNet(nn.Module):
         self.fuse = _cbr(chans[0], c4)
         self.head = nn.Conv2d(c4, 3, 1)
         with torch.no_grad():
-            self.head.bias.zero_()
-            self.head.bias[0] = float(torch.logit(torch.tensor(prior)))
+            bias = _bias(self.head)
+            bias.zero_()
+            bias[0] = float(torch.logit(torch.tensor(prior)))
 
     @property
     def stride(self) -> int:
@@ -170,12 +171,13 @@ class AxialNet(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         side = cfg.window // 2 ** len(cfg.widths)
+        logits = nn.Linear(cfg.hidden, cfg.n_bins)
         self.head = nn.Sequential(
             nn.Flatten(),
             nn.Linear(cin * side * side, cfg.hidden),
             nn.ReLU(inplace=True),
             nn.Dropout(0.2),
-            nn.Linear(cfg.hidden, cfg.n_bins),
+            logits,
         )
         # offsets get their own hidden layer: sharing the classifier's, the L1 loss drives
         # its ReLUs to zero early on (a constant 0 offset is its cheapest minimum) and the
@@ -191,7 +193,7 @@ class AxialNet(nn.Module):
             else None
         )
         with torch.no_grad():  # start at the label prior (~1–2 of 51 bins on), not at 0.5
-            self.head[-1].bias.fill_(-3.5)
+            _bias(logits).fill_(-3.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         f = self.features(x)
@@ -212,12 +214,9 @@ def fuse_batchnorm(model: nn.Module) -> nn.Module:
         i = 0
         while i < len(mods):
             m = mods[i]
-            if (
-                isinstance(m, nn.Conv2d)
-                and i + 1 < len(mods)
-                and isinstance(mods[i + 1], nn.BatchNorm2d)
-            ):
-                out.append(_fold(m, mods[i + 1]))
+            nxt = mods[i + 1] if i + 1 < len(mods) else None
+            if isinstance(m, nn.Conv2d) and isinstance(nxt, nn.BatchNorm2d):
+                out.append(_fold(m, nxt))
                 i += 2
             else:
                 out.append(m)
@@ -239,9 +238,20 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
         dilation=conv.dilation,  # type: ignore[arg-type]
         bias=True,
     ).to(conv.weight.device)
+    mean, var = bn.running_mean, bn.running_var
+    # Our BatchNorm2d layers are affine and keep running statistics (the defaults).
+    if mean is None or var is None:
+        raise ValueError("can only fold a BatchNorm2d that tracks running statistics")
     with torch.no_grad():
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        scale = bn.weight / torch.sqrt(var + bn.eps)
         fused.weight.copy_(conv.weight * scale[:, None, None, None])
-        b = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        fused.bias.copy_((b - bn.running_mean) * scale + bn.bias)
+        b = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        _bias(fused).copy_((b - mean) * scale + bn.bias)
     return fused
+
+
+def _bias(layer: nn.Conv2d | nn.Linear) -> torch.Tensor:
+    """The bias of a layer built with one (torch types it Optional)."""
+    if layer.bias is None:
+        raise ValueError(f"{type(layer).__name__} has no bias")
+    return layer.bias

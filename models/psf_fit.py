@@ -397,7 +397,7 @@ def _support(table: PSFTable, keep: float = 0.998, margin: int = 3) -> list[tupl
     r = (frac < keep).sum(1)  # smallest half-size reaching ``keep``
     r[1:] = torch.maximum(r[1:], r[:-1].clone())  # the z neighbours' light (the derivative)
     r[:-1] = torch.maximum(r[:-1], r[1:].clone())
-    out = []
+    out: list[tuple[int, ...]] = []
     for ri in (r + margin).clamp_max(half).tolist():
         out.append((max(cy - ri, 0), min(cy + ri + 1, hh), max(cx - ri, 0), min(cx + ri + 1, ww)))
     return out
