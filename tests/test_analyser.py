@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
@@ -36,7 +37,9 @@ class _ScriptedLocalizer:
         return self.per_frame[frame_index]
 
 
-def _scene(n_frames: int = 40, move_at: int = 20, step_um: float = 6.0):
+def _scene(
+    n_frames: int = 40, move_at: int = 20, step_um: float = 6.0
+) -> tuple[list[Localizations], np.ndarray, np.ndarray]:
     """Three emitters drifting slowly in absolute depth, seen as defocus (stage − z_abs)
     by a focus that steps by ``step_um`` at frame ``move_at``; one NaN row now and then."""
     rng = np.random.default_rng(3)
@@ -82,7 +85,7 @@ def _same(a: TrackFrame, b: TrackFrame, *, rows: bool = True) -> None:
 def test_analyser_gives_the_old_live_chain_across_a_focus_move() -> None:
     locs, t, stage = _scene()
     old = _old_chain(locs, t, stage)
-    analyser = FrameAnalyser(_ScriptedLocalizer(locs), KalmanTracker(TrackerConfig()))  # type: ignore[arg-type]
+    analyser = FrameAnalyser(_ScriptedLocalizer(locs), KalmanTracker(TrackerConfig()))
     px = np.zeros((4, 4), np.uint16)
     confirmed_after_move = 0
     for i, (want, ti, z) in enumerate(zip(old, t.tolist(), stage.tolist(), strict=True)):
@@ -165,7 +168,7 @@ def _bright_scene_seed() -> int:
     raise AssertionError("no seed gives central, bright emitters")
 
 
-def test_track_on_a_recording_gives_the_live_tracks(tmp_path: Path, trained_model) -> None:
+def test_track_on_a_recording_gives_the_live_tracks(tmp_path: Path, trained_model: Any) -> None:
     """A live service on the simulated microscope records while its focus moves; `focaltrack
     track` on the recording reproduces the recording's tracks (ids, positions, status);
     `focaltrack localize` on it keeps each frame's focus."""
@@ -196,10 +199,10 @@ def test_track_on_a_recording_gives_the_live_tracks(tmp_path: Path, trained_mode
                     time.sleep(0.05)
                 return k
 
-            k = analysed_past(ctl.call("status")["frames_analysed"] + 12, "no frames analysed")
+            n = analysed_past(ctl.call("status")["frames_analysed"] + 12, "no frames analysed")
             z0 = ctl.call("get_z")["z_um"]
             ctl.call("move_z", z_um=z0 + 4.0)
-            analysed_past(k + 12, "no frames analysed after the move")
+            analysed_past(n + 12, "no frames analysed after the move")
             ctl.call("record_stop")
             ctl.call("stop")
     finally:
