@@ -185,7 +185,7 @@ class Calibration:
                 a["sha256"] = self.sha256
                 a["focaltrack_version"] = __version__
                 for k, v in self.extra.items():
-                    a[f"extra_{k}"] = v  # type: ignore[assignment]
+                    a[f"extra_{k}"] = v
             # mkstemp makes 0600 files; a calibration is for the whole lab (umask applies).
             umask = os.umask(0)
             os.umask(umask)

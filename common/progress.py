@@ -20,11 +20,11 @@ from tqdm import tqdm
 ASCII_BAR = "-#"
 
 
-class _TerminalBar(tqdm):  # type: ignore[type-arg]
+class _TerminalBar(tqdm):
     monitor_interval = 0  # no monitor thread: the bars are short-lived and redraw often
 
 
-class _LogBar(tqdm):  # type: ignore[type-arg]
+class _LogBar(tqdm):
     """A tqdm whose display is a whole line now and then, written to ``log``."""
 
     monitor_interval = 0
@@ -97,7 +97,7 @@ def progress_bar(
     log_interval_s: float = 15.0,
     min_redraw_s: float = 0.2,
     **kwargs: Any,
-) -> tqdm:  # type: ignore[type-arg]
+) -> tqdm:
     """A tqdm bar for ``total`` units on ``stream`` (default: stderr at call time).
 
     On a terminal it is redrawn at most every ``min_redraw_s``; elsewhere see the module

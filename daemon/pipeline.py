@@ -241,6 +241,7 @@ class LivePipeline:
         m = self.metrics
         failures = 0
         while not self._stop.is_set():
+            msg = ""  # why no frame came (set where frame is None)
             try:
                 frame = self.driver.next_frame(timeout_s=self.frame_timeout_s)
             except StreamEnded:

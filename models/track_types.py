@@ -173,7 +173,7 @@ class TrackTable:
         )
 
     def select(self, mask: np.ndarray) -> TrackTable:
-        return TrackTable(*(getattr(self, f)[mask] for f in self.__slots__))  # type: ignore[attr-defined]
+        return TrackTable(*(getattr(self, f)[mask] for f in self.__slots__))
 
     def ever_confirmed(self) -> TrackTable:
         """Rows of tracks that were confirmed at some point (their tentative start included)."""

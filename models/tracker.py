@@ -338,6 +338,7 @@ class KalmanTracker:
             )
         n = len(z)
         stats = UpdateStats(n_input=n)
+        s: np.ndarray | None = None
         if scores is not None:
             s = np.asarray(scores, dtype=np.float64).reshape(-1)
             if len(s) != n:
@@ -350,7 +351,7 @@ class KalmanTracker:
         self.rejected_count += stats.n_rejected
         cap = self.config.max_localizations_per_frame
         if len(idx) > cap:
-            if scores is not None:
+            if s is not None:
                 order = np.argsort(-s[idx], kind="stable")[:cap]
                 idx = np.sort(idx[order])
             else:
@@ -533,7 +534,7 @@ def link_iter(
     tracker = KalmanTracker(config)
     for item in frames:
         t_s, xyz = item[0], item[1]
-        scores = item[2] if len(item) > 2 else None  # type: ignore[misc]
+        scores = item[2] if len(item) > 2 else None
         yield tracker.update_frame(xyz, t_s, scores)
 
 

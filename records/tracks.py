@@ -87,7 +87,8 @@ class Tracks:
 
     @property
     def confirmed(self) -> np.ndarray:
-        return self.status == TrackStatus.CONFIRMED.code
+        ok: np.ndarray = self.status == TrackStatus.CONFIRMED.code
+        return ok
 
     def columns(self) -> dict[str, np.ndarray]:
         """Every field as a column, by name."""

@@ -126,13 +126,13 @@ def _encode(c: Column, values: Any) -> list[Any]:
         v = np.asarray(values, dtype=np.float64).reshape(-1)
         ok = np.isfinite(v)
         if ok.all():
-            return v.tolist()  # type: ignore[no-any-return]
+            return v.tolist()
         out = v.astype(object)
         out[~ok] = None
-        return out.tolist()  # type: ignore[no-any-return]
+        return out.tolist()
     if c.kind == "int":
         if isinstance(values, np.ndarray) and values.dtype.kind in "iu":
-            return values.ravel().tolist()  # type: ignore[no-any-return]
+            return values.ravel().tolist()
         return [int(x) for x in values]
     a = np.asarray(values).reshape(-1)
     assert c.enum is not None
