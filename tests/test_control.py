@@ -126,13 +126,14 @@ def test_inline_command_answered_while_a_slow_one_runs(
 def test_service_handler_table_covers_every_command(tmp_path: Any) -> None:
     from focaltrack.daemon.service import Service
 
-    class _Camera:
-        name, width, height, bit_depth, pixel_size_um, exposure_ms = "cam", 64, 64, 16, 0.1, 1
-
     cfg = load_config(None, env={}, overrides={"workspace.dir": str(tmp_path)})
     svc = Service(cfg)
-    svc._camera = _Camera()  # type: ignore[assignment]
+    svc._open_driver()  # the simulated microscope, not streaming
     from focaltrack.daemon.workspace import Workspace
 
     control, _ = svc._compose(Workspace(tmp_path))  # the table, nothing bound or started
-    assert set(control._handlers) == set(COMMANDS)
+    try:
+        assert set(control._handlers) == set(COMMANDS)
+    finally:
+        assert svc._driver is not None
+        svc._driver.close()

@@ -40,6 +40,7 @@ from focaltrack.daemon import protocol
 from focaltrack.daemon.client import ControlClient, ControlError, Subscriber
 from focaltrack.daemon.config import ConfigError
 from focaltrack.daemon.service import Service
+from focaltrack.drivers.base import SimulatorHooks
 
 SIM_PX = 160
 TINY_TRAINING = {
@@ -58,6 +59,13 @@ TINY_TRAINING = {
 def _config(ws: Path, **extra: Any):
     sim = {"sim.width": SIM_PX, "sim.height": SIM_PX, "sim.n_emitters": 4}
     return loopback_config(ws, **{**sim, **extra})
+
+
+def _sim(svc: Service) -> SimulatorHooks:
+    """The service's simulated microscope, through its fault-injection hooks."""
+    driver = svc._driver
+    assert isinstance(driver, SimulatorHooks)
+    return driver
 
 
 def _wait_for(cond, timeout_s: float, what: str, poll_s: float = 0.05) -> Any:
@@ -218,7 +226,7 @@ def test_control_session_survives_malformed_requests(tmp_path):
             assert ctl.call("move_z", z_um=3.0)["z_um"] == pytest.approx(3.0, abs=0.05)
             # A stuck stage: move_z fails with driver_error after its timeout, and while it
             # waits the control channel keeps answering other requests.
-            svc._driver.core.stage_stuck = True
+            _sim(svc).stick_stage(True)
             try:
                 raw.send_multipart([b"", b'{"cmd": "move_z", "args": {"z_um": 9, "timeout_s": 2}}'])
                 t0 = time.monotonic()
@@ -231,7 +239,7 @@ def test_control_session_survives_malformed_requests(tmp_path):
                     and "9.000" in reply["error"]["message"]
                 )
             finally:
-                svc._driver.core.stage_stuck = False
+                _sim(svc).stick_stage(False)
             assert ctl.call("status")["last_error"]["code"] == "driver_error"
         m = _scrape(svc.endpoints["metrics"])
         assert m[("focaltrack_control_requests_total", (("outcome", "error"),))] >= len(cases) + 60
@@ -362,12 +370,11 @@ def test_calibrate_train_live_publish(trained):
         # A camera that stops delivering: a driver event, state error, then recovery.
         # (Watched through status, which answers at once, while the subscriber may still be
         # reading older frames; the stall is lifted before the restarts run out.)
-        core = svc._driver.core
-        core.camera_stalled = True
+        _sim(svc).stall_camera(True)
         try:
             _wait_for(lambda: ctl.call("status")["state"] == "error", 10, "state error")
         finally:
-            core.camera_stalled = False
+            _sim(svc).stall_camera(False)
         _wait_for(lambda: ctl.call("status")["state"] == "live", 20, "recovery")
         h = _next_event(sub, lambda h: h["kind"] == "driver", 20)
         assert h["state"] == "error" and h["error"]["code"] == "driver_error"

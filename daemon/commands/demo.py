@@ -13,7 +13,7 @@ to it only like an outside client, over its real ZeroMQ sockets on loopback:
    once a second: frames/s, frame-to-publish latency p50/p99, emitters, tracks, drops;
 4. ``stop``, and score what was **published** against the simulator's ground truth: the
    simulated camera keeps the true position of every emitter in every frame it rendered
-   (`SimulatedCore.truth`), matched to the published messages by frame index. Jaccard and
+   (`SimulatorHooks.frame_truths`), matched to the published messages by frame index. Jaccard and
    RMSE at seed 002's 10 µm tolerance and a tighter 2 µm one (as ``focaltrack evaluate``),
    for the localizations and for the confirmed tracks.
 
@@ -56,6 +56,7 @@ import numpy as np
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.common.files import clean, fmt, write_json_atomic
 from focaltrack.common.progress import progress_bar
+from focaltrack.drivers.base import CameraInfo, SimulatorHooks
 
 # the scoring is models.metrics', the ground truth sim.frame_truth's (match_in_region is
 # named here for the demo's tests)
@@ -496,6 +497,10 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
 
     t = time.monotonic()
     driver = open_service_driver(cfg)  # ours, so the simulator's ground truth is at hand
+    if not isinstance(driver, SimulatorHooks):  # demo_config always asks for the simulator
+        driver.close()
+        raise FocaltrackError(f"the demo needs the simulated microscope, got {type(driver)}")
+    cam_info = driver.describe()
     svc = Service(cfg, driver=driver, train_overrides=s.train_overrides)
     svc.start()
     timings["service_start_s"] = time.monotonic() - t
@@ -570,7 +575,11 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
             _drain(events)
             now = time.monotonic()
             if now >= next_line:
-                _say(stream, "   " + stats.window_line(now, _truth_in_view(driver, stats, z_range)))
+                _say(
+                    stream,
+                    "   "
+                    + stats.window_line(now, _truth_in_view(driver, cam_info, stats, z_range)),
+                )
                 next_line += 1.0
         live_s = time.monotonic() - t_live0
         status_live = ctl.call("status")
@@ -587,7 +596,7 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
         # ------------------------------------------------------------- 4. score
         _say(stream)
         _say(stream, "4. what was published, against the simulator's ground truth")
-        truth = truth_by_frame(list(driver.core.truth), shape, px, z_range)
+        truth = truth_by_frame(driver.frame_truths(), shape, px, z_range)
         region = scoring_region(shape, px)
         loc_score = score_frames(stats.loc_xyz, truth.xyz_um, TOLERANCES_UM, region_um=region)
         track_score = score_frames(stats.track_xyz, truth.xyz_um, TOLERANCES_UM, region_um=region)
@@ -669,16 +678,16 @@ def _drain(sub: Subscriber) -> None:
         log.debug("drain failed: %s", e)
 
 
-def _truth_in_view(driver: Any, stats: LiveStats, z_range_um: tuple[float, float]) -> int | None:
+def _truth_in_view(
+    driver: SimulatorHooks, info: CameraInfo, stats: LiveStats, z_range_um: tuple[float, float]
+) -> int | None:
     """True emitters in view in the newest published frame (the simulator knows)."""
-    core = getattr(driver, "core", None)
-    if stats.last_frame is None or core is None:
+    if stats.last_frame is None:
         return None
-    recent = list(core.truth)  # one C-level copy: the camera thread appends meanwhile
-    for e in reversed(recent):
+    for e in reversed(driver.frame_truths()):  # a copy: the camera thread appends meanwhile
         if e.sequence_frame == stats.last_frame:
-            cam = (core.height, core.width)
-            return len(visible_truth(e, cam, core.optics.pixel_size_um, z_range_um))
+            cam = (info.height, info.width)
+            return len(visible_truth(e, cam, info.pixel_size_um, z_range_um))
         if 0 <= e.sequence_frame < stats.last_frame:
             break
     return None
