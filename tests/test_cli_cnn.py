@@ -22,13 +22,20 @@ def trained(trained_model):
 
 
 @pytest.fixture(scope="module")
-def frames():
+def scene_frames():
+    """Three frames of two emitters each, and their true (x, y) in µm per frame."""
     rng = np.random.default_rng(9)
     photons = photons_for_peak_snr(25.0, 20.0)
-    return np.stack(
-        [render_frame(SHAPE, random_scene(rng, 2, SHAPE, 25, 30.0), np.full(2, photons), rng)
-         for _ in range(3)]
-    )  # fmt: skip
+    scenes, frames = [], []
+    for _ in range(3):  # each frame's scene, then its noise, from one generator
+        scenes.append(random_scene(rng, 2, SHAPE, 25, 30.0))
+        frames.append(render_frame(SHAPE, scenes[-1], np.full(2, photons), rng))
+    return np.stack(frames), [xyz[:, :2] for xyz in scenes]
+
+
+@pytest.fixture(scope="module")
+def frames(scene_frames):
+    return scene_frames[0]
 
 
 def _read_csv(path):
@@ -64,9 +71,10 @@ def test_localize_tiff_to_csv(trained, frames, tmp_path, capsys):
     assert np.all((ys > -1) & (ys < SHAPE[0] * PIXEL_UM + 1))
 
 
-def test_localize_with_residual_passes(trained, frames, tmp_path, capsys):
+def test_localize_with_residual_passes(trained, scene_frames, tmp_path, capsys):
     """--passes 2 runs the fit-subtract-search path from the CLI; --passes 0 is refused."""
     _, model = trained
+    frames, truth_xy = scene_frames
     tif = tmp_path / "frames.tif"
     tifffile.imwrite(tif, frames, photometric="minisblack")
     one, two = tmp_path / "one.csv", tmp_path / "two.csv"
@@ -77,17 +85,29 @@ def test_localize_with_residual_passes(trained, frames, tmp_path, capsys):
         main(["localize", "--model", str(model), str(tif), "--out", str(two), "--passes", "2"]) == 0
     )
     a, b = _read_csv(one), _read_csv(two)
-    # the second pass only adds emitters; the fit moves each one by at most its search
-    # reach (8 px for the deepest) plus two Gauss–Newton steps: accuracy is test_cnn's job
-    assert len(b) >= len(a) >= 2
-    xa = np.array([[float(r["x_um"]), float(r["y_um"])] for r in a])
-    xb = np.array([[float(r["x_um"]), float(r["y_um"])] for r in b])
-    d = np.hypot(*(xa[:, None] - xb[None]).transpose(2, 0, 1)).min(1)
-    assert np.all(d < 7.0), d
+    assert len(a) >= 2 and len(b) >= 2
+    # The second pass adds what the residual shows and drops what its fit cannot tell from
+    # noise (the significance cut), so counts can go either way with a CI-sized model; what
+    # it must not do is lose a true emitter the networks found. The fit moves each one by
+    # at most its search reach (8 px for the deepest) plus two Gauss–Newton steps: accuracy
+    # is test_cnn's job.
+    found = [_true_found(rows, truth_xy, 7.0) for rows in (a, b)]
+    assert found[0].any(), "the networks found no true emitter: nothing to compare"
+    assert np.all(found[1][found[0]]), found
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["localize", "--model", str(model), str(tif), "--out", str(two), "--passes", "0"])
     assert "passes" in capsys.readouterr().err
+
+
+def _true_found(rows, truth_xy, tol_um):
+    """For each true emitter (frames in order), whether a row of its frame lies within tol."""
+    out = []
+    for f, xy in enumerate(truth_xy):
+        got = np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows if int(r["frame"]) == f])
+        for p in xy:
+            out.append(len(got) > 0 and bool(np.hypot(*(got - p).T).min() < tol_um))
+    return np.array(out)
 
 
 def test_localize_hdf5_to_h5(trained, frames, tmp_path):
