@@ -77,9 +77,14 @@ def _load_tiff_stack(path: Path) -> np.ndarray:
     except Exception as e:  # tifffile raises many types for damaged files
         raise CalibrationError(f"{path} is not a readable TIFF: {e}") from e
     if "S" in axes and data.shape[axes.index("S")] > 1:
-        raise CalibrationError(
-            f"{path} is a colour (RGB) image with axes {axes}, not a grayscale camera z-stack"
-        )
+        # Samples stored as separate planes (S before Y and X) are how tifffile writes a 3- or
+        # 4-slice (N, H, W) array unless told otherwise: a stack of planes, as `focaltrack
+        # localize` reads it. Interleaved samples (YXS) are a colour image.
+        if axes.index("S") > axes.find("Y"):
+            raise CalibrationError(
+                f"{path} is a colour (RGB) image with axes {axes}, not a grayscale camera z-stack"
+            )
+        axes = axes.replace("S", "Q")
     keep = [i for i, n in enumerate(data.shape) if n > 1 or axes[i] in "YX"]
     squeezed_axes = "".join(axes[i] for i in keep)
     data = data.reshape([data.shape[i] for i in keep])
