@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from focaltrack.common.files import atomic_path
+
 if TYPE_CHECKING:
     from focaltrack.calibration.format import Calibration
 
@@ -147,11 +149,7 @@ def render_figure(cal: Calibration, path: str | os.PathLike[str], *, dpi: int = 
         f"{n.offset_adu:.1f} ADU, read {n.read_noise_adu:.2f} ADU, gain {gain}",
         fontsize=12,
     )
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
+    # format= given: matplotlib would otherwise read the format off the temporary's suffix.
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return path

@@ -61,13 +61,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.common.files import atomic_path
 from focaltrack.common.version import __version__
 
 __all__ = ["SCHEMA_VERSION", "Calibration", "CalibrationError", "NoiseModel", "summary"]
@@ -158,42 +158,31 @@ class Calibration:
         path = Path(path)
         if not path.parent.is_dir():
             raise CalibrationError(f"output directory {path.parent} does not exist")
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            with h5py.File(tmp, "w") as f:
-                f.create_dataset("psf", data=self.psf, compression="gzip", compression_opts=4)
-                f.create_dataset("z_um", data=self.z_um)
-                a = f.attrs
-                a["schema_version"] = SCHEMA_VERSION
-                a["kind"] = "focaltrack.calibration"
-                a["pixel_size_um"] = float(self.pixel_size_um)
-                a["z_step_um"] = self.z_step_um
-                a["source"] = self.source
-                a["noise_offset_adu"] = float(self.noise.offset_adu)
-                a["noise_read_noise_adu"] = float(self.noise.read_noise_adu)
-                a["noise_gain_e_per_adu"] = float(self.noise.gain_e_per_adu)
-                a["bead_x_px"], a["bead_y_px"] = (float(v) for v in self.bead_xy_px)
-                a["crop_y0"], a["crop_x0"], a["crop_h"], a["crop_w"] = (
-                    int(v) for v in self.crop_box
-                )
-                a["n_averages"] = int(self.n_averages)
-                a["bit_depth"] = int(self.bit_depth)
-                a["bead_signal_adu"] = float(self.bead_signal_adu)
-                a["background_adu"] = float(self.background_adu)
-                a["created_utc"] = self.created_utc
-                a["sha256"] = self.sha256
-                a["focaltrack_version"] = __version__
-                for k, v in self.extra.items():
-                    a[f"extra_{k}"] = v
-            # mkstemp makes 0600 files; a calibration is for the whole lab (umask applies).
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        # The default mode is a plain open()'s (umask applies): a calibration is for the whole
+        # lab, not private to whoever ran it.
+        with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+            f.create_dataset("psf", data=self.psf, compression="gzip", compression_opts=4)
+            f.create_dataset("z_um", data=self.z_um)
+            a = f.attrs
+            a["schema_version"] = SCHEMA_VERSION
+            a["kind"] = "focaltrack.calibration"
+            a["pixel_size_um"] = float(self.pixel_size_um)
+            a["z_step_um"] = self.z_step_um
+            a["source"] = self.source
+            a["noise_offset_adu"] = float(self.noise.offset_adu)
+            a["noise_read_noise_adu"] = float(self.noise.read_noise_adu)
+            a["noise_gain_e_per_adu"] = float(self.noise.gain_e_per_adu)
+            a["bead_x_px"], a["bead_y_px"] = (float(v) for v in self.bead_xy_px)
+            a["crop_y0"], a["crop_x0"], a["crop_h"], a["crop_w"] = (int(v) for v in self.crop_box)
+            a["n_averages"] = int(self.n_averages)
+            a["bit_depth"] = int(self.bit_depth)
+            a["bead_signal_adu"] = float(self.bead_signal_adu)
+            a["background_adu"] = float(self.background_adu)
+            a["created_utc"] = self.created_utc
+            a["sha256"] = self.sha256
+            a["focaltrack_version"] = __version__
+            for k, v in self.extra.items():
+                a[f"extra_{k}"] = v
         return path
 
     @classmethod
