@@ -89,7 +89,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -98,6 +97,7 @@ from pathlib import Path
 
 import numpy as np
 
+from focaltrack.common.files import atomic_path
 from focaltrack.sim.optics import Optics
 
 __all__ = [
@@ -510,22 +510,18 @@ class PSFModel:
     def _save(self, path: Path, lib: _Library) -> None:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    np.savez(
-                        fh,
-                        key=np.array(self.cache_key),
-                        flat=lib[0],
-                        starts=lib[1],
-                        scale=lib[2],
-                        energy=lib[3],
-                    )
-                os.chmod(tmp, 0o644)
-                os.replace(tmp, path)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
+            # Several processes may build the same library at once: each writes its own
+            # uniquely named temporary and the last rename wins, every one complete. A file
+            # handle, not a name, for np.savez, which would append ".npz" to the name.
+            with atomic_path(path, mode=0o644) as tmp, open(tmp, "wb") as fh:
+                np.savez(
+                    fh,
+                    key=np.array(self.cache_key),
+                    flat=lib[0],
+                    starts=lib[1],
+                    scale=lib[2],
+                    energy=lib[3],
+                )
         except OSError:
             pass  # a read-only or full cache directory only costs a rebuild next time
 

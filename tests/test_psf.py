@@ -214,6 +214,31 @@ def test_disk_cache_roundtrip(model, tmp_path):
     assert PSFModel(Optics(), z_min_um=-1.0, z_max_um=1.0, cache_path=bad).source == "disk"
 
 
+def test_cache_file_is_for_everyone_and_a_failed_write_leaves_nothing(tmp_path, monkeypatch):
+    """The library is shared by the lab's users (0644 whatever the writer's umask), appears
+    complete or not at all, and a write that fails only costs a rebuild next time."""
+    kw = dict(z_min_um=-1.0, z_max_um=1.0)
+    PSFModel.clear_memory_cache()
+    old = os.umask(0o077)
+    try:
+        m = PSFModel(Optics(), cache_path=tmp_path / "lib.npz", **kw)
+    finally:
+        os.umask(old)
+    assert m.source == "built"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.npz"]
+    assert (tmp_path / "lib.npz").stat().st_mode & 0o777 == 0o644
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    PSFModel.clear_memory_cache()
+    failed = PSFModel(Optics(), cache_path=tmp_path / "sub" / "other.npz", **kw)
+    assert failed.source == "built" and failed.energy(0.0)[0] > 0.99
+    assert list((tmp_path / "sub").iterdir()) == []  # no temporary left behind
+    PSFModel.clear_memory_cache()
+
+
 def test_render_speed_50_emitters_512(model):
     rng = np.random.default_rng(0)
     n = 50
