@@ -10,14 +10,12 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING
 
 from focaltrack.drivers.base import Driver, DriverError, SimulatorHooks
+from focaltrack.sim.optics import SIM_BEAD_PHOTONS
 
 if TYPE_CHECKING:
     from focaltrack.daemon.config import ServiceConfig
 
-__all__ = ["SIM_BEAD_PHOTONS", "open_service_driver", "sim_bead"]
-
-#: The simulated calibration bead: photons per exposure (as `focaltrack calibrate --driver sim`).
-SIM_BEAD_PHOTONS = 60000.0
+__all__ = ["open_service_driver", "sim_bead"]
 
 
 def open_service_driver(cfg: ServiceConfig) -> Driver:

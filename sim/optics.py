@@ -41,6 +41,11 @@ SIM_ABERRATIONS = Aberrations(
     spherical_waves=0.08, astigmatism_waves=0.05, coma_x_waves=0.04, coma_y_waves=0.02
 )
 
+#: The simulated microscope's calibration bead: photons per exposure, a bright bead that
+#: stays below the 16-bit full scale in focus (`focaltrack calibrate --driver sim` and the
+#: service's calibration on the simulator both use it).
+SIM_BEAD_PHOTONS = 60000.0
+
 
 @dataclass(frozen=True, slots=True)
 class Optics:

@@ -17,15 +17,15 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# sim.optics holds only value types: the CLI, which imports every command, stays fast.
+from focaltrack.sim.optics import SIM_BEAD_PHOTONS
+
 if TYPE_CHECKING:
     from focaltrack.calibration import Calibration
     from focaltrack.drivers.base import Driver
 
 log = logging.getLogger("focaltrack.calibrate")
 
-#: The simulated microscope's calibration bead: photons per exposure (a bright bead that
-#: stays below the 16-bit full scale in focus) and where it sits.
-SIM_BEAD_PHOTONS = 60000.0
 #: Sim stage drift: the sample image moves this many µm laterally per µm of focus travel.
 SIM_DRIFT_UM_PER_UM = (0.012, -0.007)
 
