@@ -188,8 +188,7 @@ class LiveSession:
     # ------------------------------------------------------------------ models
     def load_model(self, name: str) -> LoadedModel:
         """Load bundle ``name`` from the workspace for this camera (not yet in use)."""
-        px = self.camera.pixel_size_um if self.camera else None
-        return load_model(self._ws, name, self._analysis, px)
+        return load_model(self._ws, name, self._analysis, self.camera.pixel_size_um)
 
     def use_model(self, loaded: LoadedModel) -> None:
         """Make ``loaded`` the current model: live analysis switches to it at the next frame;
