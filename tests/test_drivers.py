@@ -306,20 +306,37 @@ def test_finite_sequence_overflow_stops_with_an_error():
         drv.close()
 
 
-def test_stalled_camera_times_out_then_recovers(sim):
+@pytest.mark.parametrize("render_s", [0.0, 0.05], ids=["fast_camera", "slow_camera"])
+def test_stalled_camera_times_out_then_recovers(sim, render_s, monkeypatch):
+    """The camera stalls itself (the one-shot ``stall_after_frames``) after its first frame,
+    so no frame can be on its way when the timeout is measured. Setting ``camera_stalled``
+    from here instead let a frame the camera was already rendering (slow on a loaded
+    machine: the ``slow_camera`` case) arrive inside the timeout, and nothing was raised."""
     drv, core = sim
+    if render_s:
+        render = core._render
+
+        def slow_render(dt_s: float, sequence_frame: int) -> np.ndarray:
+            time.sleep(render_s)
+            return render(dt_s, sequence_frame)
+
+        monkeypatch.setattr(core, "_render", slow_render)
+    core.stall_after_frames = 1
     drv.start_stream()
-    drv.next_frame(timeout_s=1.0)
-    core.camera_stalled = True
-    time.sleep(0.01)
-    while core.get_remaining_image_count():
-        drv.next_frame(timeout_s=1.0)
+    assert drv.next_frame(timeout_s=30.0).index == 0
+    # Wait for the camera to take up its stall (the one-shot is spent once the flag is up):
+    # lifting the stall before that would be undone by the camera.
+    deadline = time.monotonic() + 30.0
+    while not core.camera_stalled and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert core.camera_stalled and core.stall_after_frames is None
     t = time.monotonic()
     with pytest.raises(CameraTimeoutError, match=r"no frame within 0\.1 s"):
         drv.next_frame(timeout_s=0.1)
     assert time.monotonic() - t < 0.5
+    assert core.frames_produced == 1 and core.get_remaining_image_count() == 0
     core.camera_stalled = False
-    drv.next_frame(timeout_s=1.0)
+    drv.next_frame(timeout_s=30.0)
     drv.stop_stream()
 
 
