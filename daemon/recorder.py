@@ -26,6 +26,13 @@ Durability: the writer appends what it has and calls ``flush()`` at least every
 ``flush_interval_s`` (and when many frames are waiting), so a reader opening the file with
 ``h5py.File(path, "r", libver="latest", swmr=True)`` and calling ``refresh()`` on datasets
 sees data at most about one interval old, and a ``kill -9`` loses at most about that much.
+``frames_flushed`` counts the frames on disk for certain.
+
+A writer that dies leaves HDF5's "open for writing" mark in the file, which every plain open
+refuses; `focaltrack.daemon.repair` clears it. While it writes, the writer holds a shared
+lock on the file (`hold_writer_lock`) so that a repair never touches a file still being
+written: HDF5's own lock is dropped when SWMR writing starts, and the mark alone looks the
+same whether the writer is alive or dead.
 
 Producers never block: `Recorder.add_frame` and `Recorder.add_results` put into a bounded
 queue and return False (counted in ``dropped``) when it is full.
@@ -36,6 +43,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -58,6 +66,9 @@ from focaltrack.records import (
     to_columns,
 )
 
+if sys.platform != "win32":
+    import fcntl
+
 if TYPE_CHECKING:
     from focaltrack.drivers.base import Frame
 
@@ -69,6 +80,7 @@ __all__ = [
     "Recorder",
     "RecorderError",
     "RecordingSummary",
+    "hold_writer_lock",
 ]
 
 RECORDING_KIND = "focaltrack.recording"
@@ -101,6 +113,24 @@ class RecordingSummary:
 
 def _utc_now() -> str:
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def hold_writer_lock(path: str | os.PathLike[str]) -> int | None:
+    """Take a shared ``flock`` on ``path`` for as long as the returned descriptor stays open
+    (`os.close` releases it): the sign, for `focaltrack.daemon.repair`, that a live process
+    writes the file. Shared, so that SWMR readers (HDF5 takes a shared lock for them) still
+    open it. None where the platform or the file system has no such locks; the recording
+    goes on without."""
+    if sys.platform == "win32":
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        log.debug("recording %s: no writer lock (%s)", path, e)
+        return None
+    return fd
 
 
 class Recorder:
@@ -161,6 +191,8 @@ class Recorder:
         self._stopping = False
         self.dropped = 0
         self.frames_written = 0
+        #: frames on disk for certain: written and flushed (a crash keeps them)
+        self.frames_flushed = 0
         self.localizations_written = 0
         self.track_rows_written = 0
         self.error: str | None = None
@@ -186,17 +218,23 @@ class Recorder:
             f = h5py.File(self.path, "w-", libver="latest")
         except OSError as e:
             raise RecorderError(f"cannot create recording {self.path}: {e}") from e
+        lock: int | None = None
         try:
             self._create(f)
             f.swmr_mode = True
+            # At once: HDF5 held an exclusive lock of its own until SWMR writing started
+            # (and the file's mark said "not SWMR", which a repair refuses anyway).
+            lock = hold_writer_lock(self.path)
             f.flush()
         except BaseException as e:
             f.close()
+            if lock is not None:
+                os.close(lock)
             self.path.unlink(missing_ok=True)
             raise RecorderError(f"cannot set up recording {self.path}: {e}") from e
         self._t0 = time.monotonic()
         self._thread = threading.Thread(
-            target=self._run, args=(f,), name="focaltrack-recorder", daemon=True
+            target=self._run, args=(f, lock), name="focaltrack-recorder", daemon=True
         )
         self._thread.start()
 
@@ -324,7 +362,7 @@ class Recorder:
         return self._put(("results", (int(frame_index), loc, tracks)))
 
     # ------------------------------------------------------------------ writer
-    def _run(self, f: Any) -> None:
+    def _run(self, f: Any, lock: int | None) -> None:
         pending_meta: list[tuple[int, float, float, float]] = []
         pending_px: list[np.ndarray] = []
         loc_rows: dict[str, list[np.ndarray]] = {k: [] for k in LOC_COLUMNS}
@@ -352,6 +390,7 @@ class Recorder:
                     self._write_out(f, pending_meta, pending_px, loc_rows, trk_rows)
                     if done or now >= next_flush:
                         f.flush()
+                        self.frames_flushed = self.frames_written
                         next_flush = now + self.flush_interval_s
         except Exception as e:
             self.error = f"writing {self.path} failed: {type(e).__name__}: {e}"
@@ -361,6 +400,10 @@ class Recorder:
                 f.close()
             except Exception as e:
                 log.warning("closing recording %s: %s", self.path, e)
+            # Released after the close has cleared the mark (and before `_mark_complete`,
+            # whose HDF5 open wants an exclusive lock).
+            if lock is not None:
+                os.close(lock)
 
     @staticmethod
     def _collect(
