@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from focaltrack.daemon.metrics import ServiceMetrics
     from focaltrack.daemon.publisher import Publisher
     from focaltrack.daemon.recorder import Recorder, RecordingSummary
+    from focaltrack.daemon.repair import Repaired
     from focaltrack.daemon.state import ServiceState
     from focaltrack.daemon.workspace import Workspace
     from focaltrack.drivers.base import CameraInfo, Frame
@@ -30,7 +31,11 @@ __all__ = ["RecordingSession"]
 
 class RecordingSession:
     """At most one recording at a time, into ``<workspace>/recordings``. Drops (a full
-    writer queue) count in ``focaltrack_recording_dropped_frames_total``."""
+    writer queue) count in ``focaltrack_recording_dropped_frames_total``.
+
+    Made when the service starts, it first repairs the recordings that a crash left open
+    (`focaltrack.daemon.repair`), so that every program opens them; ``repaired`` lists them.
+    """
 
     def __init__(
         self,
@@ -49,6 +54,10 @@ class RecordingSession:
         self._recorder: Recorder | None = None
         self._name: str | None = None
         self._lock = threading.Lock()
+        from focaltrack.daemon.repair import repair_crashed_recordings
+
+        # Now, before this service records anything: none of them is its own live file.
+        self.repaired: list[Repaired] = repair_crashed_recordings(ws.recordings_dir)
 
     @property
     def name(self) -> str | None:
