@@ -449,6 +449,16 @@ def test_demo_end_to_end_over_the_sockets(tmp_path):
     on_disk = json.loads((out / "summary.json").read_text())
     assert on_disk == summary
     assert (out / "calibration.png").stat().st_size > 10_000
+    # the live phase was recorded and drawn (`focaltrack show`), both listed in the summary
+    files = summary["files"]
+    assert files["recording_png"] == str(out / "recording.png")
+    assert (out / "recording.png").stat().st_size > 10_000
+    rec = Path(files["recording"])
+    assert rec.is_file() and rec.parent == out / "workspace" / "recordings"
+    from focaltrack.daemon.commands.show import read_recording_view
+
+    assert len(read_recording_view(rec).frame_index) >= 10
+    assert "recording.png" in text and summary["timings_s"]["recording_figure_s"] > 0
     cal = summary["calibration"]
     assert cal["n_slices"] == 6 and Path(cal["path"]).is_file()
     live = summary["live"]

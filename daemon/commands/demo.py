@@ -17,9 +17,12 @@ to it only like an outside client, over its real ZeroMQ sockets on loopback:
    RMSE at seed 002's 10 µm tolerance and a tighter 2 µm one (as ``focaltrack evaluate``),
    for the localizations and for the confirmed tracks.
 
-Into ``--out`` it writes ``calibration.png`` (the calibration at a glance), ``summary.json``
-(settings, timings, rates, latencies, accuracy) and ``workspace/`` (the service workspace:
-calibration, model, ``state.json``), so that afterwards
+The live phase is recorded (``record_start`` / ``record_stop``, frames included) into the
+workspace's ``recordings/``. Into ``--out`` it writes ``calibration.png`` (the calibration at
+a glance), ``recording.png`` (what was localized and tracked: ``focaltrack show`` of that
+recording, with the service's counters), ``summary.json`` (settings, timings, rates,
+latencies, accuracy) and ``workspace/`` (the service workspace: calibration, model,
+``state.json``, the recording), so that afterwards
 ``focaltrack serve --driver sim --workspace out/demo/workspace`` starts with that calibration
 and model loaded (for ``deploy/examples/focus_lock.py``, say).
 
@@ -155,8 +158,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "Start the service on the simulated microscope with a moving scene, then, over "
             "its real sockets like any client: calibrate, train a model, go live, print a "
             "live view once a second, and score what was published against the simulator's "
-            "ground truth (Jaccard, RMSE). Writes calibration.png, summary.json and the "
-            "service workspace into --out. A few minutes on a laptop CPU."
+            "ground truth (Jaccard, RMSE). Writes calibration.png, recording.png (the live "
+            "phase's recording drawn), summary.json and the service workspace into --out. "
+            "A few minutes on a laptop CPU."
         ),
     )
     p.add_argument("--out", type=Path, default=Path("out/demo"), help="output folder")
@@ -562,6 +566,7 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
         time.sleep(0.3)  # let the subscription reach the publisher (slow joiner)
         stats = LiveStats()
         ctl.call("start", interval_ms=s.interval_ms)
+        ctl.call("record_start")  # as a user would; drawn at the end (recording.png)
         t_live0 = time.monotonic()
         stats.t0 = stats._win_t0 = t_live0
         next_line = t_live0 + 1.0
@@ -583,6 +588,7 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
                 next_line += 1.0
         live_s = time.monotonic() - t_live0
         status_live = ctl.call("status")
+        rec = ctl.call("record_stop")
         ctl.call("stop")
         t_stop = time.monotonic()
         while time.monotonic() - t_stop < 0.5:  # what was published before the stop
@@ -615,6 +621,15 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
             _say(stream, "   " + line)
         if align is not None and align > 0.5 * max(s.interval_ms, s.exposure_ms) / 1000.0:
             _say(stream, f"   warning: frame ↔ truth alignment is off by up to {align:.3f} s")
+        t = time.monotonic()
+        rec_png = out / "recording.png"
+        _recording_figure(Path(rec["path"]), rec_png, live_summary)
+        timings["recording_figure_s"] = time.monotonic() - t
+        _say(
+            stream,
+            f"   recording {rec['recording']}: {rec['frames']} frames, {rec['localizations']} "
+            f"localizations; figure {rec_png}",
+        )
         timings["total_s"] = time.monotonic() - t_all
 
         summary = clean(
@@ -647,14 +662,19 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
                     "frame_alignment_spread_s": align,
                 },
                 "timings_s": timings,
-                "files": {"calibration_png": str(cal_png), "workspace": str(workspace)},
+                "files": {
+                    "calibration_png": str(cal_png),
+                    "recording": str(rec["path"]),
+                    "recording_png": str(rec_png),
+                    "workspace": str(workspace),
+                },
                 "endpoints": ep,
             }
         )
         path = out / "summary.json"
         write_json_atomic(path, summary, mode=0o644)  # the summary is for sharing
         _say(stream)
-        _say(stream, f"wrote {cal_png} and {path} in {timings['total_s']:.0f} s.")
+        _say(stream, f"wrote {cal_png}, {rec_png} and {path} in {timings['total_s']:.0f} s.")
         _say(
             stream,
             f"Next: focaltrack serve --driver sim --sim-size {s.size_px} --workspace {workspace}  "
@@ -698,6 +718,26 @@ def _calibration_figure(cal_path: Path, png: Path) -> None:
     from focaltrack.calibration.figure import render_figure
 
     render_figure(Calibration.load(cal_path), png)
+
+
+def _recording_figure(rec: Path, png: Path, live: Mapping[str, Any]) -> None:
+    """`focaltrack show` of the live phase's recording, with what the service counted and
+    the subscriber measured over the whole live phase (a recording keeps no latency)."""
+    from focaltrack.daemon.commands.show import draw_recording
+
+    drops = live.get("frames_dropped_by_reason") or {}
+    why = ", ".join(f"{k} {v}" for k, v in drops.items())
+    lat = live["latency_ms"]
+    service = (
+        ("frames acquired", str(live.get("frames_acquired"))),
+        ("frames analysed", f"{live.get('frames_analysed')} "
+         f"({fmt(live.get('analysed_fps'), '.1f')} frames/s published)"),
+        ("frames dropped", f"{live.get('frames_dropped')}" + (f" ({why})" if why else "")),
+        ("latency p50 / p99", f"{fmt(lat['p50'], '.1f')} / {fmt(lat['p99'], '.1f')} ms "
+         "(acquisition → publication)"),
+    )  # fmt: skip
+    section = ("the live phase (service status, subscriber)", service)
+    draw_recording(rec, png, counters_first=(section,))
 
 
 def _model_z_range(bundle: Path) -> tuple[float, float]:
