@@ -1,21 +1,28 @@
 """The tracker's parameters (`TrackerConfig`) and the localization noise they are set from.
 
-Split from `focaltrack.models.tracker` (which re-exports every name here) so that a
-configuration can be built, checked and read without the tracking algorithm.
+Split from `focaltrack.models.tracker` (which re-exports `TrackerConfig`, `MotionModel` and
+the noise helpers) so that a configuration can be built, checked and read without the
+tracking algorithm. `TrackerConfig.from_settings` is the one way from settings (the
+service's ``[tracker]`` section, the options of ``focaltrack track``) to a `TrackerConfig`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 from enum import Enum
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "ACCEL_REFERENCE_S",
+    "NOISE_FROM_MODEL",
+    "NOISE_SETTINGS",
     "MotionModel",
     "TrackerConfig",
+    "TrackerConfigError",
     "noise_from_errors",
     "noise_from_validation",
 ]
@@ -33,45 +40,80 @@ class MotionModel(str, Enum):
     """State (x, y, z); Brownian motion with diffusion coefficient ``diffusion_um2_s``."""
 
 
+class TrackerConfigError(ValueError):
+    """A tracker parameter is out of range; ``names`` are the parameters at fault."""
+
+    def __init__(self, names: tuple[str, ...], message: str) -> None:
+        super().__init__(message)
+        self.names = names
+
+
+def _param(default: Any, help: str) -> Any:
+    """A parameter: its default and the one line that describes it wherever it is set (the
+    service's ``[tracker]`` section, the options of ``focaltrack track``)."""
+    return field(default=default, metadata={"help": help})
+
+
+#: The measurement-noise parameters: set to `NOISE_FROM_MODEL` (or left out) in the settings
+#: given to `TrackerConfig.from_settings`, they are taken from the model.
+NOISE_SETTINGS = ("sigma_lateral_um", "sigma_axial_um")
+#: The value of a `NOISE_SETTINGS` setting that means "from the model's validation" (TOML
+#: has no null, so the service's config file says 0).
+NOISE_FROM_MODEL = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class TrackerConfig:
     """Tracker parameters; every dimensional one carries its unit in its name.
 
     The defaults suit the seed paper's case: cells at ~75 µm/s imaged at 100 fps, localized
-    to ~0.3 µm laterally and ~1.5 µm axially.
+    to ~0.3 µm laterally and ~1.5 µm axially. The service's ``[tracker]`` section and the
+    options of ``focaltrack track`` are generated from these fields (names, defaults, help).
     """
 
-    motion: MotionModel = MotionModel.CONSTANT_VELOCITY
-    #: Measurement noise, standard deviation per lateral axis (x and y each), µm.
-    sigma_lateral_um: float = 0.3
-    #: Measurement noise, standard deviation along z, µm.
-    sigma_axial_um: float = 1.5
-    #: Constant velocity: white-noise acceleration, µm/s². The continuous-time spectral
-    #: density is ``q = accel_um_s2² × 1 s`` (µm²/s³) per axis, so over an interval T the
-    #: velocity drifts by ``accel_um_s2 · √(T · 1 s)`` (one standard deviation) whatever the
-    #: frame rate: 100 µm/s² lets the velocity wander ~10 µm/s per 10 ms, ~100 µm/s per second.
-    accel_um_s2: float = 100.0
-    #: Random walk: diffusion coefficient per axis, µm²/s (position variance grows 2·D·dt).
-    diffusion_um2_s: float = 1.0
-    #: Constant velocity: standard deviation of a new track's velocity per axis, µm/s.
-    init_velocity_std_um_s: float = 100.0
-    #: Probability that a true localization falls inside its track's gate (χ², 3 dof).
-    gate_probability: float = 0.9999
-    #: A tentative track is confirmed after this many hits (M) ...
-    confirm_hits: int = 3
-    #: ... within its first this-many frames (N); if it cannot get there it is deleted.
-    confirm_window: int = 5
-    #: A confirmed track is deleted at this many consecutive misses (K).
-    max_misses: int = 5
-    #: At most this many localizations per frame are used (highest scores first).
-    max_localizations_per_frame: int = 10_000
-    #: At most this many new tracks start per frame (highest scores first).
-    max_births_per_frame: int = 500
-    #: No births once this many tracks are alive.
-    max_tracks: int = 10_000
+    # An enum member is immutable: sharing the default is safe.
+    motion: MotionModel = _param(MotionModel.CONSTANT_VELOCITY, "motion model of every track")  # noqa: RUF009
+    sigma_lateral_um: float = _param(
+        0.3, "measurement noise, standard deviation per lateral axis (x and y each), µm"
+    )
+    sigma_axial_um: float = _param(1.5, "measurement noise, standard deviation along z, µm")
+    # The continuous-time spectral density is ``q = accel_um_s2² × 1 s`` (µm²/s³) per axis,
+    # so over an interval T the velocity drifts by ``accel_um_s2 · √(T · 1 s)`` (one standard
+    # deviation) whatever the frame rate: 100 µm/s² lets the velocity wander ~10 µm/s per
+    # 10 ms, ~100 µm/s per second.
+    accel_um_s2: float = _param(
+        100.0,
+        "constant velocity: white-noise acceleration, µm/s² (the velocity wanders by "
+        "accel·√(T·1 s) over a time T)",
+    )
+    diffusion_um2_s: float = _param(
+        1.0, "random walk: diffusion coefficient per axis, µm²/s (position variance grows 2·D·dt)"
+    )
+    init_velocity_std_um_s: float = _param(
+        100.0, "constant velocity: standard deviation of a new track's velocity per axis, µm/s"
+    )
+    gate_probability: float = _param(
+        0.9999, "probability that a true localization falls inside its track's gate (χ², 3 dof)"
+    )
+    confirm_hits: int = _param(3, "M: hits that confirm a tentative track ...")
+    confirm_window: int = _param(
+        5, "N: ... within its first N frames; a tentative track that cannot get there is deleted"
+    )
+    max_misses: int = _param(5, "K: consecutive misses that delete a confirmed track")
+    max_localizations_per_frame: int = _param(
+        10_000, "localizations used per frame at most (highest scores first)"
+    )
+    max_births_per_frame: int = _param(500, "new tracks per frame at most (highest scores first)")
+    max_tracks: int = _param(10_000, "no births once this many tracks are alive")
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "motion", MotionModel(self.motion))
+        try:
+            object.__setattr__(self, "motion", MotionModel(self.motion))
+        except ValueError:
+            choices = ", ".join(m.value for m in MotionModel)
+            raise TrackerConfigError(
+                ("motion",), f"motion must be one of {choices}, got {self.motion!r}"
+            ) from None
         positive = {
             "sigma_lateral_um": self.sigma_lateral_um,
             "sigma_axial_um": self.sigma_axial_um,
@@ -79,19 +121,25 @@ class TrackerConfig:
         }
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{name} must be a positive number, got {value}")
+                raise TrackerConfigError((name,), f"{name} must be a positive number, got {value}")
         for name, value in {
             "accel_um_s2": self.accel_um_s2,
             "diffusion_um2_s": self.diffusion_um2_s,
         }.items():
             if not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"{name} must be a non-negative number, got {value}")
+                raise TrackerConfigError(
+                    (name,), f"{name} must be a non-negative number, got {value}"
+                )
         if not 0 < self.gate_probability < 1:
-            raise ValueError(f"gate_probability must be in (0, 1), got {self.gate_probability}")
+            raise TrackerConfigError(
+                ("gate_probability",),
+                f"gate_probability must be in (0, 1), got {self.gate_probability}",
+            )
         if not 1 <= self.confirm_hits <= self.confirm_window:
-            raise ValueError(
+            raise TrackerConfigError(
+                ("confirm_hits", "confirm_window"),
                 "need 1 <= confirm_hits <= confirm_window, got "
-                f"{self.confirm_hits} and {self.confirm_window}"
+                f"{self.confirm_hits} and {self.confirm_window}",
             )
         for name in (
             "max_misses",
@@ -100,7 +148,38 @@ class TrackerConfig:
             "max_tracks",
         ):
             if int(getattr(self, name)) < 1:
-                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+                raise TrackerConfigError(
+                    (name,), f"{name} must be at least 1, got {getattr(self, name)}"
+                )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Mapping[str, Any], model_noise_um: tuple[float, float] | None = None
+    ) -> TrackerConfig:
+        """The config from ``settings`` named as the fields, as the service's ``[tracker]``
+        section and the options of ``focaltrack track`` give them.
+
+        A field left out takes its default, except the measurement noise (`NOISE_SETTINGS`):
+        left out, ``None`` or `NOISE_FROM_MODEL` (0), each axis is taken from
+        ``model_noise_um`` (lateral, axial: `noise_from_validation` of the model), or is
+        the default when there is none. Raises `TrackerConfigError` naming the settings at
+        fault.
+        """
+        known = [f.name for f in fields(cls)]
+        unknown = [name for name in settings if name not in known]
+        if unknown:
+            raise TrackerConfigError(
+                tuple(unknown),
+                f"unknown tracker setting(s) {', '.join(unknown)} (known: {', '.join(known)})",
+            )
+        kw = dict(settings)
+        for name, from_model in zip(NOISE_SETTINGS, model_noise_um or (None, None), strict=True):
+            if kw.get(name) in (None, NOISE_FROM_MODEL):
+                if from_model is None:
+                    kw.pop(name, None)
+                else:
+                    kw[name] = float(from_model)
+        return cls(**kw)
 
     @property
     def gate_d2(self) -> float:
