@@ -1,14 +1,16 @@
 """The models the service analyses with: a bundle from the workspace, loaded as the live
-pipeline's `AnalysisModel` (the localizer and a tracker factory configured from
-``[analysis]``)."""
+pipeline's `AnalysisModel` (the localizer configured from ``[analysis]`` and a tracker
+factory configured from ``[tracker]`` and the model's validation noise)."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from focaltrack.daemon.config import TrackerSection, tracker_settings
 from focaltrack.daemon.pipeline import AnalysisModel
 from focaltrack.daemon.protocol import ErrorCode, ProtocolError
 
@@ -18,6 +20,8 @@ if TYPE_CHECKING:
     from focaltrack.models.tracker import KalmanTracker, TrackerConfig
 
 __all__ = ["LoadedModel", "load_model", "tracker_config"]
+
+log = logging.getLogger("focaltrack.analysis")
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +38,15 @@ class LoadedModel:
 
 
 def load_model(
-    ws: Workspace, name: str, analysis: AnalysisConfig, pixel_size_um: float | None
+    ws: Workspace,
+    name: str,
+    analysis: AnalysisConfig,
+    pixel_size_um: float | None,
+    tracker: Any = None,
 ) -> LoadedModel:
     """Load bundle ``name`` from the workspace (`NotFound`; `ProtocolError` bad_args when it
-    cannot be read). Imports torch on first use."""
+    cannot be read). ``tracker``: the ``[tracker]`` section (`ServiceConfig.tracker`);
+    ``None`` is its defaults. Imports torch on first use."""
     from focaltrack.models.bundle import read_meta
     from focaltrack.models.localizer import Localizer, LocalizerError
 
@@ -54,7 +63,7 @@ def load_model(
         )
     except (LocalizerError, ValueError) as e:
         raise ProtocolError(ErrorCode.BAD_ARGS, f"model {name!r}: {e}") from e
-    cfg = tracker_config(analysis, meta)
+    cfg = tracker_config(TrackerSection() if tracker is None else tracker, meta)
     make_tracker = _tracker_factory(cfg)
     return LoadedModel(name, path, meta, AnalysisModel(name, loc, make_tracker))
 
@@ -65,29 +74,16 @@ def _tracker_factory(cfg: TrackerConfig) -> Callable[[], KalmanTracker]:
     return lambda: KalmanTracker(cfg)
 
 
-def tracker_config(analysis: AnalysisConfig, meta: dict[str, Any]) -> TrackerConfig:
-    """The live tracker's settings: ``[analysis] tracker_*``; a measurement noise left at 0
-    comes from the model's validation (or the tracker's default when it has none)."""
-    from focaltrack.models.tracker import MotionModel, TrackerConfig, noise_from_validation
+def tracker_config(tracker: Any, meta: dict[str, Any]) -> TrackerConfig:
+    """The live tracker's settings: the ``[tracker]`` section (`ServiceConfig.tracker`)
+    through `TrackerConfig.from_settings`, the one way ``focaltrack track`` takes too; a
+    measurement noise left at 0 comes from the model's validation (``meta``, its
+    bundle.json), or is the tracker's default when the model has none."""
+    from focaltrack.models.tracker_config import TrackerConfig, noise_from_validation
 
-    a = analysis
-    lat, ax = a.tracker_sigma_lateral_um, a.tracker_sigma_axial_um
-    if lat <= 0 or ax <= 0:
-        try:
-            v_lat, v_ax = noise_from_validation(meta)
-        except ValueError:
-            d = TrackerConfig()
-            v_lat, v_ax = d.sigma_lateral_um, d.sigma_axial_um
-        lat = lat if lat > 0 else v_lat
-        ax = ax if ax > 0 else v_ax
-    window = max(a.tracker_confirm_window, a.tracker_confirm_hits)
-    return TrackerConfig(
-        motion=MotionModel(a.tracker_motion),
-        sigma_lateral_um=float(lat),
-        sigma_axial_um=float(ax),
-        accel_um_s2=a.tracker_accel_um_s2,
-        diffusion_um2_s=a.tracker_diffusion_um2_s,
-        confirm_hits=a.tracker_confirm_hits,
-        confirm_window=window,
-        max_misses=a.tracker_max_misses,
-    )
+    try:
+        noise: tuple[float, float] | None = noise_from_validation(meta)
+    except ValueError as e:
+        log.info("tracker noise: %s; the defaults are used where [tracker] gives none", e)
+        noise = None
+    return TrackerConfig.from_settings(tracker_settings(tracker), noise)

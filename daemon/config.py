@@ -1,8 +1,10 @@
 """Service settings: defaults < TOML file < environment < command line.
 
 Every setting lives in one section of :class:`ServiceConfig` (``driver``, ``sim``, ``network``,
-``workspace``, ``analysis``, ``recording``, ``train``, ``log``) and has a default, so an empty or
-missing file is a valid configuration. :func:`load_config` merges, in increasing precedence:
+``workspace``, ``analysis``, ``tracker``, ``recording``, ``train``, ``log``) and has a default, so
+an empty or missing file is a valid configuration. ``[tracker]`` is generated from
+`focaltrack.models.tracker_config.TrackerConfig` (same names, defaults and help), and its values
+are checked by ``TrackerConfig`` itself. :func:`load_config` merges, in increasing precedence:
 
 1. the defaults declared below;
 2. the TOML file (validated against :func:`config_schema`, a JSON Schema with
@@ -17,6 +19,10 @@ missing file is a valid configuration. :func:`load_config` merges, in increasing
 Strings from the environment or the command line are parsed by the setting's type: booleans
 ``true/false/1/0/yes/no/on/off``, numbers, lists as a JSON array or comma-separated numbers.
 Every bad value raises :class:`ConfigError` naming the setting and where it came from.
+
+Renamed settings (`RENAMED`: ``analysis.tracker_motion`` is now ``tracker.motion``, ...) are
+still read under their old names, in every layer (``FOCALTRACK_ANALYSIS_TRACKER_MOTION``
+too), with a logged warning; one layer that gives both names is an error naming both.
 """
 
 from __future__ import annotations
@@ -24,16 +30,26 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
+import logging
 import math
 import os
 import sys
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from focaltrack.common.errors import FocaltrackError
+from focaltrack.models.tracker_config import (
+    NOISE_FROM_MODEL,
+    NOISE_SETTINGS,
+    TrackerConfig,
+    TrackerConfigError,
+)
+
+log = logging.getLogger("focaltrack.config")
 
 ENV_PREFIX = "FOCALTRACK_"
 
@@ -137,24 +153,39 @@ class AnalysisConfig:
         minimum=1,
         maximum=4,
     )
-    tracker_motion: str = _s(
-        "constant_velocity", "tracker motion model", choices=("constant_velocity", "random_walk")
-    )
-    tracker_sigma_lateral_um: float = _s(
-        0.0, "tracker lateral measurement noise, µm; 0 = from the model's validation", minimum=0
-    )
-    tracker_sigma_axial_um: float = _s(
-        0.0, "tracker axial measurement noise, µm; 0 = from the model's validation", minimum=0
-    )
-    tracker_accel_um_s2: float = _s(
-        100.0, "constant velocity: white-noise acceleration, µm/s²", exclusive_minimum=0
-    )
-    tracker_diffusion_um2_s: float = _s(
-        1.0, "random walk: diffusion per axis, µm²/s", exclusive_minimum=0
-    )
-    tracker_confirm_hits: int = _s(3, "hits (M) that confirm a tentative track ...", minimum=1)
-    tracker_confirm_window: int = _s(5, "... within its first N frames", minimum=1)
-    tracker_max_misses: int = _s(5, "consecutive misses that end a confirmed track", minimum=1)
+
+
+def _tracker_section() -> type[Any]:
+    """``[tracker]``: one setting per `TrackerConfig` field, with its name, default and help.
+
+    The measurement noise defaults to `NOISE_FROM_MODEL` (0) instead: the live tracker takes
+    it from the loaded model's validation unless the file says otherwise. Values are not
+    range-checked here: `load_config` builds a `TrackerConfig` from them, which checks.
+    """
+    specs: list[tuple[str, type, Any]] = []
+    for f in dataclasses.fields(TrackerConfig):
+        default: Any = f.default
+        help = f.metadata["help"]
+        choices = None
+        if isinstance(default, Enum):  # TOML and the environment spell it by its value
+            choices = tuple(m.value for m in type(default))
+            default = default.value
+        if f.name in NOISE_SETTINGS:
+            help += f"; 0 = from the model's validation ({default:g} if it has none)"
+            default = NOISE_FROM_MODEL
+        specs.append((f.name, type(default), _s(default, help, choices=choices)))
+    cls = dataclasses.make_dataclass("TrackerSection", specs, frozen=True, slots=True)
+    cls.__module__ = __name__  # make_dataclass (3.11) leaves it unset; repr and pickle need it
+    return cls
+
+
+#: The ``[tracker]`` section's class, generated from `TrackerConfig`'s fields.
+TrackerSection = _tracker_section()
+
+
+def tracker_settings(section: Any) -> dict[str, Any]:
+    """A ``[tracker]`` section as the settings `TrackerConfig.from_settings` takes."""
+    return {f.name: getattr(section, f.name) for f in dataclasses.fields(section)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +216,9 @@ class ServiceConfig:
     network: NetworkConfig = field(default_factory=NetworkConfig)
     workspace: WorkspaceConfig = field(default_factory=WorkspaceConfig)
     analysis: AnalysisConfig = field(default_factory=AnalysisConfig)
+    # Any: the class is generated (`TrackerSection`), so a type checker cannot see its
+    # fields; read it with `tracker_settings`.
+    tracker: Any = field(default_factory=TrackerSection)
     recording: RecordingConfig = field(default_factory=RecordingConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -207,6 +241,25 @@ SECTIONS: dict[str, type] = {f.name: f.default_factory for f in dataclasses.fiel
 #: Fixed lengths of the list-valued settings.
 _LENGTHS = {("sim", "velocity_um_s"): 3, ("sim", "z_range_um"): 2}
 
+#: Settings that moved: old (section, key) -> new. The old names are still read, with a
+#: warning (``[tracker]`` was ``[analysis] tracker_*`` before it had a section).
+RENAMED: dict[tuple[str, str], tuple[str, str]] = {
+    ("analysis", f"tracker_{name}"): ("tracker", name)
+    for name in (
+        "motion",
+        "sigma_lateral_um",
+        "sigma_axial_um",
+        "accel_um_s2",
+        "diffusion_um2_s",
+        "confirm_hits",
+        "confirm_window",
+        "max_misses",
+    )
+}
+
+#: One layer of settings: (section, key) -> (value, the key as the layer spelled it).
+_Layer = dict[tuple[str, str], tuple[Any, str]]
+
 
 def _fields(section: str) -> dict[str, dataclasses.Field[Any]]:
     return {f.name: f for f in dataclasses.fields(SECTIONS[section])}
@@ -219,38 +272,47 @@ def _kind(f: dataclasses.Field[Any]) -> type:
 # ----------------------------------------------------------------------------- schema
 
 
+def _setting_schema(section: str, name: str) -> dict[str, Any]:
+    f = _fields(section)[name]
+    kind = _kind(f)
+    s: dict[str, Any] = {"description": f.metadata["help"]}
+    if kind is bool:
+        s["type"] = "boolean"
+    elif kind is int:
+        s["type"] = "integer"
+    elif kind is float:
+        s["type"] = "number"
+    elif kind is str:
+        s["type"] = "string"
+    elif kind is tuple:
+        n = _LENGTHS[(section, name)]
+        s.update(type="array", items={"type": "number"}, minItems=n, maxItems=n)
+    m = f.metadata
+    if m["minimum"] is not None:
+        s["minimum"] = m["minimum"]
+    if m["maximum"] is not None:
+        s["maximum"] = m["maximum"]
+    if m["exclusive_minimum"] is not None:
+        s["exclusiveMinimum"] = m["exclusive_minimum"]
+    if m["choices"] is not None:
+        s["enum"] = list(m["choices"])
+    default: Any = f.default
+    s["default"] = list(default) if kind is tuple else default
+    return s
+
+
 def config_schema() -> dict[str, Any]:
     """The JSON Schema (Draft 2020-12) a TOML config file must satisfy."""
     props: dict[str, Any] = {}
     for section in SECTIONS:
-        sec_props: dict[str, Any] = {}
-        for name, f in _fields(section).items():
-            kind = _kind(f)
-            s: dict[str, Any] = {"description": f.metadata["help"]}
-            if kind is bool:
-                s["type"] = "boolean"
-            elif kind is int:
-                s["type"] = "integer"
-            elif kind is float:
-                s["type"] = "number"
-            elif kind is str:
-                s["type"] = "string"
-            elif kind is tuple:
-                n = _LENGTHS[(section, name)]
-                s.update(type="array", items={"type": "number"}, minItems=n, maxItems=n)
-            m = f.metadata
-            if m["minimum"] is not None:
-                s["minimum"] = m["minimum"]
-            if m["maximum"] is not None:
-                s["maximum"] = m["maximum"]
-            if m["exclusive_minimum"] is not None:
-                s["exclusiveMinimum"] = m["exclusive_minimum"]
-            if m["choices"] is not None:
-                s["enum"] = list(m["choices"])
-            default: Any = f.default
-            s["default"] = list(default) if kind is tuple else default
-            sec_props[name] = s
+        sec_props = {name: _setting_schema(section, name) for name in _fields(section)}
         props[section] = {"type": "object", "additionalProperties": False, "properties": sec_props}
+    for (old_section, old_name), (section, name) in RENAMED.items():
+        s = _setting_schema(section, name)
+        del s["default"]
+        s["description"] = f"deprecated: now [{section}] {name}"
+        s["deprecated"] = True
+        props[old_section]["properties"][old_name] = s
     return {
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$id": "https://focaltrack.invalid/schemas/config.json",
@@ -359,7 +421,35 @@ def _known(section: str, name: str, where: str) -> None:
         )
 
 
-def _file_layer(path: Path) -> dict[tuple[str, str], Any]:
+def _canonical(section: str, name: str, where: str) -> tuple[str, str]:
+    """The current name of a setting (a renamed one is logged); unknown names are errors."""
+    new = RENAMED.get((section, name))
+    if new is None:
+        _known(section, name, where)
+        return section, name
+    log.warning(
+        "%s.%s %s is deprecated: it is now %s.%s (section [%s], key %s)",
+        section,
+        name,
+        where,
+        *new,
+        *new,
+    )
+    return new
+
+
+def _add(layer: _Layer, key: tuple[str, str], value: Any, spelled: str, where: str) -> None:
+    """Put one setting in ``layer``; the same setting under its old and new name is an error."""
+    if key in layer:
+        first = layer[key][1]
+        raise ConfigError(
+            f"{first} and {spelled} {where} are the same setting, {key[0]}.{key[1]}: "
+            "give it once, by its new name"
+        )
+    layer[key] = (value, spelled)
+
+
+def _file_layer(path: Path) -> _Layer:
     where = f"in {path}"
     try:
         with open(path, "rb") as fh:
@@ -377,7 +467,8 @@ def _file_layer(path: Path) -> dict[tuple[str, str], Any]:
         if not isinstance(body, dict):
             raise ConfigError(f"[{section}] {where} must be a table, got {body!r}")
         for name in body:
-            _known(section, name, where)
+            if (section, name) not in RENAMED:
+                _known(section, name, where)
     import jsonschema  # only when a file is read
 
     validator = jsonschema.Draft202012Validator(config_schema())
@@ -385,11 +476,15 @@ def _file_layer(path: Path) -> dict[tuple[str, str], Any]:
     if err is not None:
         key = ".".join(str(p) for p in err.absolute_path) or "(top level)"
         raise ConfigError(f"{key} {where}: {err.message}")
-    return {(s, n): v for s, body in data.items() for n, v in body.items()}
+    out: _Layer = {}
+    for section, body in data.items():
+        for name, value in body.items():
+            _add(out, _canonical(section, name, where), value, f"{section}.{name}", where)
+    return out
 
 
-def _env_layer(env: Mapping[str, str]) -> dict[tuple[str, str], Any]:
-    out: dict[tuple[str, str], Any] = {}
+def _env_layer(env: Mapping[str, str]) -> _Layer:
+    out: _Layer = {}
     for var, text in env.items():
         if not var.startswith(ENV_PREFIX):
             continue
@@ -399,13 +494,14 @@ def _env_layer(env: Mapping[str, str]) -> dict[tuple[str, str], Any]:
             continue  # e.g. FOCALTRACK_CACHE: not a service setting
         name = rest[len(section) + 1 :]
         where = f"from environment variable {var}"
-        _known(section, name, where)
-        out[(section, name)] = _parse_text(section, name, text, where)
+        section, name = _canonical(section, name, where)
+        value = _parse_text(section, name, text, where)
+        _add(out, (section, name), value, var, "in the environment")
     return out
 
 
-def _override_layer(overrides: Mapping[str, object]) -> dict[tuple[str, str], Any]:
-    out: dict[tuple[str, str], Any] = {}
+def _override_layer(overrides: Mapping[str, object]) -> _Layer:
+    out: _Layer = {}
     for key, value in overrides.items():
         if value is None:
             continue
@@ -413,10 +509,10 @@ def _override_layer(overrides: Mapping[str, object]) -> dict[tuple[str, str], An
         where = "on the command line"
         if not name:
             raise ConfigError(f"override {key!r} {where} must look like section.key")
-        _known(section, name, where)
+        section, name = _canonical(section, name, where)
         if isinstance(value, str) and _kind(_fields(section)[name]) is not str:
             value = _parse_text(section, name, value, where)
-        out[(section, name)] = value
+        _add(out, (section, name), value, key, where)
     return out
 
 
@@ -431,19 +527,37 @@ def load_config(
     ``overrides`` keys are ``"section.key"``; ``None`` values are skipped. Raises
     :class:`ConfigError` naming the setting and its source on any problem.
     """
-    layers: list[tuple[str, dict[tuple[str, str], Any]]] = []
+    layers: list[tuple[str, _Layer]] = []
     if path is not None and str(path) != "":
         layers.append((f"in {path}", _file_layer(Path(path))))
     layers.append(("from the environment", _env_layer(os.environ if env is None else env)))
     layers.append(("on the command line", _override_layer(overrides or {})))
 
     values: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    # (section, key) -> where its value came from, as the user spelled it.
+    sources: dict[tuple[str, str], str] = {}
     for where, layer in layers:
-        for (section, name), value in layer.items():
+        for (section, name), (value, spelled) in layer.items():
             values[section][name] = _check(section, name, value, where)
+            sources[(section, name)] = f"{spelled} {where}"
     cfg = ServiceConfig(**{s: SECTIONS[s](**values[s]) for s in SECTIONS})
     _check_combined(cfg)
+    _check_tracker(cfg, sources)
     return cfg
+
+
+def _check_tracker(cfg: ServiceConfig, sources: Mapping[tuple[str, str], str]) -> None:
+    """The tracker's own checks (`TrackerConfig`), as errors naming the settings' sources.
+
+    The noise left to the model is checked at its default; the model's is checked when a
+    model is loaded."""
+    try:
+        TrackerConfig.from_settings(tracker_settings(cfg.tracker))
+    except TrackerConfigError as e:
+        at = " and ".join(
+            sources.get(("tracker", name), f"tracker.{name} (default)") for name in e.names
+        )
+        raise ConfigError(f"{at}: {e}") from None
 
 
 def _check_combined(cfg: ServiceConfig) -> None:
@@ -562,7 +676,12 @@ _SECTION_NOTES = {
         "Calibrations, models, recordings and state.json. Empty = $XDG_DATA_HOME/focaltrack,\n"
         "# ~/.local/share/focaltrack, or %LOCALAPPDATA%\\focaltrack on Windows."
     ),
-    "analysis": "Live analysis: inference and the tracker.",
+    "analysis": "Live analysis: inference.",
+    "tracker": (
+        "The live tracker (docs/tracking.md): `TrackerConfig`'s parameters, same names and\n"
+        "# defaults, also the options of `focaltrack track`. These were [analysis] tracker_*\n"
+        "# (tracker_motion, ...): those keys still work, with a warning."
+    ),
     "recording": "HDF5 recording (record_start / record_stop).",
     "train": "Defaults of the train command.",
     "log": "Logging to stderr.",
