@@ -184,3 +184,129 @@ def test_track_takes_the_noise_from_a_model_bundle(tmp_path, capsys):
         main(["track", str(locs), "--out", str(out2), "--fps", "100", "--model", str(bundle)]) == 2
     )
     assert "--model-noise" in capsys.readouterr().err
+
+
+def _bundle(path, validation):
+    """A model bundle folder `read_meta` accepts, with ``validation`` (or none) in bundle.json."""
+    path.mkdir()
+    for name in ("lateral.pt", "axial.pt", "calibration.h5", "COMPLETE"):
+        (path / name).write_bytes(b"")
+    meta = {"kind": "focaltrack.model", "schema_version": 1}
+    if validation is not None:
+        meta["validation"] = validation
+    (path / "bundle.json").write_text(json.dumps(meta))
+    return path, meta
+
+
+def _track_args(*options):
+    from focaltrack.daemon.cli import build_parser
+
+    return build_parser().parse_args(["track", "in.csv", "--out", "o.csv", *options])
+
+
+def test_track_options_mirror_the_trackerconfig_fields():
+    import argparse
+    import dataclasses
+
+    from focaltrack.daemon.commands.track import add_tracker_arguments, config_from_args
+    from focaltrack.models.tracker_config import TrackerConfig
+
+    p = argparse.ArgumentParser()
+    add_tracker_arguments(p)
+    options = {s: a for a in p._actions for s in a.option_strings}
+    fields = dataclasses.fields(TrackerConfig)
+    for f in fields:
+        action = options["--" + f.name.replace("_", "-")]
+        assert action.dest == f.name and action.default is None
+        assert action.help.startswith(f.metadata["help"])
+    # Exactly the fields' options and the two noise shortcuts; unset, they give the defaults.
+    dests = {a.dest for a in p._actions} - {"help"}
+    assert dests == {f.name for f in fields} | {"model_noise", "model"}
+    assert config_from_args(_track_args()) == TrackerConfig()
+
+
+def test_track_options_are_checked_by_trackerconfig(tmp_path, capsys):
+    locs = _write_locs(tmp_path / "locs.csv")
+    argv = ["track", str(locs), "--out", str(tmp_path / "o.csv"), "--fps", "100"]
+    assert main([*argv, "--gate-probability", "1.5"]) == 2
+    assert "--gate-probability: gate_probability must be in (0, 1)" in capsys.readouterr().err
+    assert main([*argv, "--confirm-hits", "6"]) == 2
+    assert "--confirm-hits and --confirm-window" in capsys.readouterr().err
+    assert main([*argv, "--model-noise", "0.3,1.5", "--sigma-axial-um", "2"]) == 2
+    assert "--model-noise and --sigma-axial-um" in capsys.readouterr().err
+    assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "validation", [None, {"by_snr": {"x": {"rmse_lateral_um": 0.4, "rmse_axial_um": 2.0}}}]
+)
+def test_service_and_track_make_equal_tracker_configs(tmp_path, validation):
+    from focaltrack.daemon.analysis import tracker_config
+    from focaltrack.daemon.commands.track import config_from_args
+    from focaltrack.daemon.config import load_config
+    from focaltrack.models.tracker_config import MotionModel, TrackerConfig
+
+    bundle, meta = _bundle(tmp_path / "model", validation)
+    # The defaults: the service's [tracker] with a model, `track` with --model (when the
+    # model has validation noise; without, `track --model` refuses) or without one.
+    service = tracker_config(load_config(None, env={}).tracker, meta)
+    if validation is None:
+        assert service == TrackerConfig() == config_from_args(_track_args())
+    else:
+        assert service == config_from_args(_track_args("--model", str(bundle)))
+        assert service.sigma_lateral_um == pytest.approx(0.4 / np.sqrt(2))
+        assert service.sigma_axial_um == pytest.approx(2.0)
+    # Equal settings, every one of them changed, give equal configs.
+    settings = {
+        "motion": "random_walk",
+        "sigma_lateral_um": 0.25,
+        "sigma_axial_um": 0.0,  # from the model, or the default
+        "accel_um_s2": 50.0,
+        "diffusion_um2_s": 3.0,
+        "init_velocity_std_um_s": 80.0,
+        "gate_probability": 0.999,
+        "confirm_hits": 2,
+        "confirm_window": 4,
+        "max_misses": 7,
+        "max_localizations_per_frame": 900,
+        "max_births_per_frame": 40,
+        "max_tracks": 300,
+    }
+    assert set(settings) == {f for f in TrackerConfig.__dataclass_fields__}
+    cfg = load_config(None, env={}, overrides={f"tracker.{k}": v for k, v in settings.items()})
+    service = tracker_config(cfg.tracker, meta)
+    options = [s for k, v in settings.items() for s in ("--" + k.replace("_", "-"), str(v))]
+    if validation is not None:
+        options += ["--model", str(bundle)]
+    track = config_from_args(_track_args(*options))
+    assert service == track
+    assert service.motion is MotionModel.RANDOM_WALK and service.max_tracks == 300
+    assert service.sigma_lateral_um == 0.25
+    assert service.sigma_axial_um == (2.0 if validation else TrackerConfig().sigma_axial_um)
+
+
+def test_write_tracks_is_atomic_with_ordinary_permissions(tmp_path, monkeypatch):
+    import os
+
+    from focaltrack.daemon.commands import track as track_cmd
+    from focaltrack.models.tracker import KalmanTracker, TrackerConfig, link_table
+
+    locs = track_cmd.read_localizations(_write_locs(tmp_path / "locs.csv"))
+    config = TrackerConfig()
+    table = link_table(locs.frame, locs.xyz_um, fps=FPS, tracker=KalmanTracker(config))
+    out = tmp_path / "out" / "t.csv"
+    track_cmd.write_tracks(table, out, config)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0o600
+    written = out.read_bytes()
+
+    def fail_halfway(table, path):
+        path.write_text("frame,track_id\n1,")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(track_cmd, "_write_csv", fail_halfway)
+    with pytest.raises(RuntimeError, match="disk full"):
+        track_cmd.write_tracks(table, out, config)
+    assert out.read_bytes() == written  # the old file, whole
+    assert [p.name for p in out.parent.iterdir()] == ["t.csv"]  # no temporary file left

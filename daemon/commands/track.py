@@ -14,19 +14,20 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import logging
 import math
-import os
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from focaltrack.daemon.argtypes import positive_float, positive_int
+from focaltrack.common.files import atomic_path
+from focaltrack.daemon.argtypes import positive_float
 from focaltrack.records import STATUS_CODES, Tracks, columns_of, csv_columns
 from focaltrack.records.columns import csv_rows
 
@@ -51,16 +52,10 @@ _MOTION_ALIASES = {
 
 
 def _non_negative_float(text: str) -> float:
+    """For ``evaluate-tracking``'s own options (the tracker's are checked by `TrackerConfig`)."""
     v = float(text)
     if not (math.isfinite(v) and v >= 0):
         raise argparse.ArgumentTypeError(f"must be a non-negative number, got {text!r}")
-    return v
-
-
-def _probability(text: str) -> float:
-    v = float(text)
-    if not 0 < v < 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text!r}")
     return v
 
 
@@ -86,117 +81,93 @@ def _motion(text: str) -> str:
         ) from None
 
 
-def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
-    """The tracker's parameters as options (defaults: `TrackerConfig`)."""
-    from focaltrack.models.tracker import TrackerConfig
+def tracker_option(name: str) -> str:
+    """The option of `TrackerConfig` field ``name`` (``accel_um_s2`` -> ``--accel-um-s2``)."""
+    return "--" + name.replace("_", "-")
 
-    d = TrackerConfig()
-    g = p.add_argument_group("tracker (docs/tracking.md)")
-    g.add_argument(
-        "--motion",
-        type=_motion,
-        default=None,
-        help="cv (constant velocity, the default) or rw (random walk, for Brownian samples)",
-    )
+
+def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
+    """One option per `TrackerConfig` field (its name, help and default; unset options are
+    ``None``), and ``--model-noise`` / ``--model`` for the measurement noise. Ranges are
+    checked by `TrackerConfig` (`config_from_args`), as for the service's ``[tracker]``."""
+    from focaltrack.models.tracker_config import NOISE_SETTINGS, TrackerConfig
+
+    g = p.add_argument_group("tracker (docs/tracking.md; the service's [tracker] section)")
+    for f in dataclasses.fields(TrackerConfig):
+        default: Any = f.default
+        kw: dict[str, Any] = {"dest": f.name, "default": None}
+        if isinstance(default, Enum):
+            kw.update(type=_motion, metavar="|".join(m.value for m in type(default)))
+            shown = f"default {default.value}; cv, rw for short"
+        else:
+            kw.update(type=type(default), metavar="N" if type(default) is int else "X")
+            shown = f"default {default:g}"
+        if f.name in NOISE_SETTINGS:
+            shown = f"default: from --model's validation, else {default:g}; 0 = from --model"
+        kw["help"] = f"{f.metadata['help']}; {shown}"
+        g.add_argument(tracker_option(f.name), **kw)
     g.add_argument(
         "--model-noise",
         type=_noise_pair,
         default=None,
         metavar="LAT_UM,AX_UM",
-        help="localization noise, standard deviation per lateral axis and along z, µm "
-        f"({d.sigma_lateral_um:g},{d.sigma_axial_um:g}); use the localizer's measured errors",
+        help="--sigma-lateral-um and --sigma-axial-um in one; use the localizer's measured errors",
     )
     g.add_argument(
         "--model",
         type=Path,
         default=None,
         help="model bundle: take the localization noise from its validation errors "
-        "(--model-noise overrides)",
-    )
-    g.add_argument(
-        "--accel-um-s2",
-        type=_non_negative_float,
-        default=None,
-        help=f"cv: white-noise acceleration, µm/s² ({d.accel_um_s2:g})",
-    )
-    g.add_argument(
-        "--diffusion-um2-s",
-        type=_non_negative_float,
-        default=None,
-        help=f"rw: diffusion coefficient, µm²/s ({d.diffusion_um2_s:g})",
-    )
-    g.add_argument(
-        "--init-velocity-std-um-s",
-        type=positive_float,
-        default=None,
-        help=f"cv: velocity uncertainty of a new track, µm/s ({d.init_velocity_std_um_s:g})",
-    )
-    g.add_argument(
-        "--gate-probability",
-        type=_probability,
-        default=None,
-        help=f"χ² gate probability ({d.gate_probability:g})",
-    )
-    g.add_argument(
-        "--confirm-hits",
-        type=positive_int,
-        default=None,
-        help=f"M: hits that confirm a track ({d.confirm_hits})",
-    )
-    g.add_argument(
-        "--confirm-window",
-        type=positive_int,
-        default=None,
-        help=f"N: ... within its first N frames ({d.confirm_window})",
-    )
-    g.add_argument(
-        "--max-misses",
-        type=positive_int,
-        default=None,
-        help=f"K: consecutive misses that delete a confirmed track ({d.max_misses})",
-    )
-    g.add_argument(
-        "--max-births-per-frame",
-        type=positive_int,
-        default=None,
-        help=f"new tracks per frame at most ({d.max_births_per_frame})",
+        "(--model-noise and --sigma-*-um override)",
     )
 
 
 def config_from_args(args: argparse.Namespace, **defaults: Any) -> TrackerConfig:
     """A `TrackerConfig` from the options of `add_tracker_arguments` (unset: ``defaults``,
-    then the `TrackerConfig` defaults)."""
-    from focaltrack.models.tracker import TrackerConfig
+    then the `TrackerConfig` defaults; the noise of ``--model`` comes before ``defaults``),
+    made by `TrackerConfig.from_settings` as the service makes its tracker's."""
+    from focaltrack.models.tracker_config import (
+        NOISE_FROM_MODEL,
+        NOISE_SETTINGS,
+        TrackerConfig,
+        TrackerConfigError,
+    )
 
-    kw: dict[str, Any] = dict(defaults)
-    if args.motion is not None:
-        kw["motion"] = args.motion
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(TrackerConfig)
+        if getattr(args, f.name) is not None
+    }
     if args.model_noise is not None:
-        kw["sigma_lateral_um"], kw["sigma_axial_um"] = args.model_noise
-    elif args.model is not None:
-        from focaltrack.models.bundle import read_meta
-        from focaltrack.models.tracker import noise_from_validation
+        both = [tracker_option(n) for n in NOISE_SETTINGS if n in given]
+        if both:
+            raise ValueError(f"--model-noise and {' and '.join(both)}: give the noise once")
+        given.update(zip(NOISE_SETTINGS, args.model_noise, strict=True))
+    settings = {**defaults, **given}
+    noise: tuple[float, float] | None = None
+    if args.model is not None:
+        for name in NOISE_SETTINGS:
+            if name not in given:  # --model's noise comes before the caller's defaults
+                settings[name] = NOISE_FROM_MODEL
+        if any(settings[name] == NOISE_FROM_MODEL for name in NOISE_SETTINGS):
+            noise = _model_noise(args.model)
+    try:
+        return TrackerConfig.from_settings(settings, noise)
+    except TrackerConfigError as e:
+        raise ValueError(f"{' and '.join(map(tracker_option, e.names))}: {e}") from None
 
-        try:
-            lat, ax = noise_from_validation(read_meta(args.model))
-        except ValueError as e:
-            raise ValueError(f"{args.model}: {e}; give --model-noise") from e
-        log.info("localization noise from %s: %.3g µm lateral, %.3g µm axial", args.model, lat, ax)
-        kw["sigma_lateral_um"], kw["sigma_axial_um"] = lat, ax
-    for name in (
-        "accel_um_s2",
-        "diffusion_um2_s",
-        "init_velocity_std_um_s",
-        "gate_probability",
-        "confirm_hits",
-        "confirm_window",
-        "max_misses",
-        "max_births_per_frame",
-    ):
-        v = getattr(args, name)
-        if v is not None:
-            kw[name] = v
-    return TrackerConfig(**kw)
+
+def _model_noise(bundle: Path) -> tuple[float, float]:
+    """The localization noise (lateral, axial) of a model bundle's validation."""
+    from focaltrack.models.bundle import read_meta
+    from focaltrack.models.tracker_config import noise_from_validation
+
+    try:
+        lat, ax = noise_from_validation(read_meta(bundle))
+    except ValueError as e:
+        raise ValueError(f"{bundle}: {e}; give --model-noise") from e
+    log.info("localization noise from %s: %.3g µm lateral, %.3g µm axial", bundle, lat, ax)
+    return lat, ax
 
 
 def register(sub: Any) -> None:
@@ -347,17 +318,11 @@ def write_tracks(
     if suffix not in (".csv", ".h5", ".hdf5"):
         raise ValueError(f"{out}: output must end in .csv or .h5")
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    os.close(fd)
-    try:
+    with atomic_path(out) as tmp:
         if suffix == ".csv":
-            _write_csv(table, Path(tmp))
+            _write_csv(table, tmp)
         else:
-            _write_h5(table, Path(tmp), config, meta or {})
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            _write_h5(table, tmp, config, meta or {})
     return out
 
 
