@@ -60,6 +60,7 @@ class LiveSession:
         metrics: ServiceMetrics,
         recording: RecordingSession,
         watchdog: Callable[[], None],
+        tracker: Any = None,
     ) -> None:
         self.driver = driver
         self.camera = camera
@@ -71,6 +72,7 @@ class LiveSession:
         self._metrics = metrics
         self.recording = recording
         self._watchdog = watchdog
+        self._tracker = tracker  # the [tracker] section (ServiceConfig.tracker); None: defaults
         self._pipeline: LivePipeline | None = None
         # Frames of the pipelines already retired, added to the running one's counts.
         self._totals = {"acquired": 0, "analysed": 0, "camera": 0, "analysis_behind": 0}
@@ -188,7 +190,9 @@ class LiveSession:
     # ------------------------------------------------------------------ models
     def load_model(self, name: str) -> LoadedModel:
         """Load bundle ``name`` from the workspace for this camera (not yet in use)."""
-        return load_model(self._ws, name, self._analysis, self.camera.pixel_size_um)
+        return load_model(
+            self._ws, name, self._analysis, self.camera.pixel_size_um, tracker=self._tracker
+        )
 
     def use_model(self, loaded: LoadedModel) -> None:
         """Make ``loaded`` the current model: live analysis switches to it at the next frame;
