@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from focaltrack.common.files import atomic_path
 from focaltrack.daemon.argtypes import positive_float, positive_int
 from focaltrack.records import Localizations, columns_of, concat, csv_columns
 from focaltrack.records.columns import csv_rows
@@ -178,9 +179,6 @@ def read_stage_z(path: Path, n_frames: int) -> np.ndarray | None:
 def write_localizations(path: Path, locs: list[Localizations], attrs: dict[str, Any]) -> None:
     """Write localizations (a list of `Localizations`) as CSV or HDF5, atomically; with a
     last column ``stage_z_um`` where any frame's focus is known."""
-    import os
-    import tempfile
-
     cols = _columns(locs)
     names = COLUMNS
     if any(np.isfinite(r.stage_z_um) for r in locs):
@@ -190,9 +188,7 @@ def write_localizations(path: Path, locs: list[Localizations], attrs: dict[str, 
         raise ValueError(f"--out must end in .csv or .h5, got {path.name}")
     if not path.parent.is_dir():
         raise ValueError(f"output directory {path.parent} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         if suffix == ".csv":
             with open(tmp, "w", newline="") as fh:
                 fh.write(",".join(names) + "\n")
@@ -211,10 +207,6 @@ def write_localizations(path: Path, locs: list[Localizations], attrs: dict[str, 
                     g.create_dataset(c, data=cols[c])
                 for k, v in attrs.items():
                     g.attrs[k] = v
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _columns(locs: list[Localizations]) -> dict[str, np.ndarray]:
