@@ -1,4 +1,5 @@
-"""The pixel size files state about their frames (`focaltrack.calibration.pixelsize`).
+"""The pixel size files state about their frames (`focaltrack.calibration.pixelsize`) and
+`focaltrack localize` checking it against the model's (issue 14, point 2).
 
 The files are written as the acquisition programs write them, with tifffile and h5py: ImageJ
 hyperstacks, OME-TIFF, plain resolution tags, Micro-Manager's per-image JSON tag, service
@@ -7,15 +8,21 @@ recordings.
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import stat
 
 import h5py
 import numpy as np
 import pytest
 import tifffile
+from cnn_fixtures import PIXEL_UM, photons_for_peak_snr, random_scene, render_frame
 
 from focaltrack.calibration.pixelsize import StatedPixelSize, read_pixel_size
+from focaltrack.daemon.cli import main
 
+SHAPE = (128, 160)
 FRAMES = np.zeros((3, 32, 32), dtype=np.uint16)
 
 
@@ -163,3 +170,95 @@ def test_hdf5_attributes(tmp_path):
         0.4, "HDF5 root attribute pixel_size_um"
     )
     assert read_pixel_size(tmp_path / "ij.h5", dataset="nope") is None  # read_frames says why
+
+
+# ------------------------------------------------------------------ localize
+@pytest.fixture(scope="module")
+def model(trained_model):
+    return trained_model.bundle
+
+
+@pytest.fixture(scope="module")
+def frames():
+    rng = np.random.default_rng(9)
+    photons = photons_for_peak_snr(25.0, 20.0)
+    return np.stack(
+        [render_frame(SHAPE, random_scene(rng, 2, SHAPE, 25, 30.0), np.full(2, photons), rng)
+         for _ in range(2)]
+    )  # fmt: skip
+
+
+WRITERS = {
+    "ImageJ metadata": lambda p, fr, um: imagej_tiff(p.with_suffix(".tif"), fr, um),
+    "OME PhysicalSizeX": lambda p, fr, um: ome_tiff(p.with_suffix(".tif"), fr, um),
+    "TIFF XResolution (cm)": lambda p, fr, um: resolution_tiff(
+        p.with_suffix(".tif"), fr, 1e4 / um, "CENTIMETER"
+    ),
+    "Micro-Manager PixelSizeUm": lambda p, fr, um: micromanager_tiff(p.with_suffix(".tif"), fr, um),
+    "recording pixel_size_um": lambda p, fr, um: recording_h5(p.with_suffix(".h5"), fr, um),
+}
+
+
+def _write(kind, tmp_path, frames, um):
+    WRITERS[kind](tmp_path / "in", frames, um)
+    return next(tmp_path.glob("in.*"))
+
+
+def _xy(path):
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    return np.array([[float(r["x_um"]), float(r["y_um"])] for r in rows])
+
+
+@pytest.mark.parametrize("kind", list(WRITERS))
+def test_localize_refuses_a_file_of_another_pixel_size(model, frames, tmp_path, capsys, kind):
+    src = _write(kind, tmp_path, frames, 0.1)
+    out = tmp_path / "l.csv"
+    assert main(["localize", "--model", str(model), str(src), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    for words in ("error", "0.1 µm", kind, f"{PIXEL_UM:g} µm", "--pixel-size", "--force"):
+        assert words in err, err
+    assert not out.exists()
+
+
+def test_localize_overrides_the_file(model, frames, tmp_path, capsys):
+    """--pixel-size says the file is wrong; --force takes the file's pixel size for the
+    coordinates, as --pixel-size with --force does."""
+    src = _write("ImageJ metadata", tmp_path, frames, 0.1)
+    base = ["localize", "--model", str(model), str(src), "--out"]
+    assert main([*base, str(tmp_path / "own.csv"), "--pixel-size", str(PIXEL_UM)]) == 0
+    assert "ImageJ metadata" in capsys.readouterr().err  # says which value it overrode
+    assert main([*base, str(tmp_path / "forced.csv"), "--force"]) == 0
+    own, forced = _xy(tmp_path / "own.csv"), _xy(tmp_path / "forced.csv")
+    assert len(own) >= 2
+    np.testing.assert_allclose(forced, own * (0.1 / PIXEL_UM), rtol=1e-4, atol=1e-3)
+
+
+def test_localize_uses_a_matching_file_pixel_size(model, frames, tmp_path, capsys):
+    um = PIXEL_UM * 1.005  # within the 1 % tolerance
+    src = _write("OME PhysicalSizeX", tmp_path, frames, um)
+    out = tmp_path / "l.h5"
+    assert main(["localize", "--model", str(model), str(src), "--out", str(out)]) == 0
+    assert "pixel size" not in capsys.readouterr().err
+    with h5py.File(out, "r") as f:
+        attrs = dict(f["localizations"].attrs)
+    assert attrs["pixel_size_source"] == "OME PhysicalSizeX"
+    assert attrs["pixel_size_um"] == pytest.approx(um, rel=1e-9)
+
+
+def test_localize_a_file_that_states_nothing(model, frames, tmp_path, capsys):
+    src = tmp_path / "plain.tif"
+    tifffile.imwrite(src, frames, photometric="minisblack")
+    out = tmp_path / "l.csv"
+    assert main(["localize", "--model", str(model), str(src), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("states no pixel size") == 1, err
+    assert f"{PIXEL_UM:g} µm" in err
+    assert len(_xy(out)) >= 2
+    # written through common.files.atomic_path: nothing left beside it, and the permissions
+    # a plain open gives (a bare mkstemp made the file private)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask

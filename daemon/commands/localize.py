@@ -9,6 +9,11 @@ in the input. A recording of the service (HDF5 with ``frame_meta/stage_z_um``) a
 column ``stage_z_um``, the focus each frame was taken at, which `focaltrack track` uses to
 track across focus moves as the live service does. Prints frames/s to stderr. See
 docs/models.md.
+
+Pixel size: ``--pixel-size``, else what the file states about itself
+(`focaltrack.calibration.pixelsize`), checked against the model's like ``--pixel-size``
+(1 %; a mismatch is refused unless ``--force``); a file that states none is taken to have
+the model's, with a note on stderr.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import dataclasses
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -26,6 +31,10 @@ from focaltrack.common.files import atomic_path
 from focaltrack.daemon.argtypes import positive_float, positive_int
 from focaltrack.records import Localizations, columns_of, concat, csv_columns
 from focaltrack.records.columns import csv_rows
+
+if TYPE_CHECKING:
+    from focaltrack.calibration import Calibration
+    from focaltrack.calibration.pixelsize import StatedPixelSize
 
 #: The CSV header and the HDF5 datasets: the `Localizations` record's columns.
 COLUMNS = csv_columns(Localizations)
@@ -58,8 +67,10 @@ def register(sub: Any) -> None:
         "--pixel-size",
         type=positive_float,
         metavar="UM",
-        help="pixel size of the frames in the sample (µm); must match the model's within 1 %% "
-        "unless --force (default: assume the model's)",
+        help="pixel size of the frames in the sample (µm), over what the file states; must "
+        "match the model's within 1 %% unless --force (default: the file's own, from OME, "
+        "Micro-Manager or ImageJ metadata, TIFF resolution tags or an HDF5 pixel_size_um "
+        "attribute; where it states none, the model's)",
     )
     p.add_argument(
         "--force",
@@ -216,19 +227,30 @@ def _columns(locs: list[Localizations]) -> dict[str, np.ndarray]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from focaltrack.calibration.pixelsize import read_pixel_size
+    from focaltrack.models.bundle import load_bundle
     from focaltrack.models.localizer import Localizer
 
     if args.out.suffix.lower() not in (".csv", ".h5", ".hdf5"):
         raise ValueError(f"--out must end in .csv or .h5, got {args.out.name}")
-    loc = Localizer.from_bundle(
-        args.model,
+    bundle = load_bundle(args.model, device="cpu")
+    stated = read_pixel_size(args.frames, args.dataset)
+    pixel_size, source = _frames_pixel_size(args, stated, bundle.calibration)
+    loc = Localizer(
+        bundle,
         device=args.device,
         threads=args.threads,
-        pixel_size_um=args.pixel_size,
+        pixel_size_um=pixel_size,
         force=args.force,
         passes=args.passes,
     )
     frames = read_frames(args.frames, args.dataset)
+    if stated is None and args.pixel_size is None:  # after read_frames: a file to speak of
+        print(
+            f"localize: {args.frames.name} states no pixel size; assuming the model's "
+            f"{loc.pixel_size_um:g} µm (--pixel-size UM states it)",
+            file=sys.stderr,
+        )
     loc.check_frames(frames)  # all checks before any work
     n = len(frames)
     results = []
@@ -245,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
         "model": str(args.model.resolve()),
         "calibration_sha256": loc.calibration.sha256,
         "pixel_size_um": loc.pixel_size_um,
+        "pixel_size_source": source,
         "input": str(args.frames.resolve()),
         "n_frames": n,
         "columns": ",".join((*COLUMNS, STAGE_Z) if stage_z is not None else COLUMNS),
@@ -259,3 +282,39 @@ def run(args: argparse.Namespace) -> int:
         file=sys.stderr,
     )
     return 0
+
+
+def _frames_pixel_size(
+    args: argparse.Namespace, stated: StatedPixelSize | None, calibration: Calibration
+) -> tuple[float | None, str]:
+    """The frames' pixel size for the localizer (None: the model's) and where it came from.
+
+    ``--pixel-size`` wins over the file. A pixel size the file states counts as if given with
+    ``--pixel-size``: within the localizer's tolerance (1 %) of the model's it is used for
+    the coordinates; further off it is refused here, naming the file's source, unless
+    ``--force`` (then the coordinates use it, as with ``--pixel-size --force``).
+    """
+    from focaltrack.models.localizer import PIXEL_SIZE_TOLERANCE, LocalizerError
+
+    def differ(a: float, b: float) -> bool:
+        return abs(a - b) / b > PIXEL_SIZE_TOLERANCE
+
+    model_um = float(calibration.pixel_size_um)
+    if args.pixel_size is not None:
+        if stated is not None and differ(stated.um, float(args.pixel_size)):
+            print(
+                f"localize: using --pixel-size {args.pixel_size:g} µm; {args.frames.name} "
+                f"states {stated.um:g} µm ({stated.source})",
+                file=sys.stderr,
+            )
+        return float(args.pixel_size), "--pixel-size"
+    if stated is None:
+        return None, "model (the input states none)"
+    if differ(stated.um, model_um) and not args.force:
+        raise LocalizerError(
+            f"{args.frames.name} states {stated.um:g} µm pixels ({stated.source}) but the model "
+            f"was trained for {model_um:g} µm (calibration {calibration.sha256[:12]}); "
+            "give --pixel-size UM if the file is wrong, or --force to localize anyway "
+            "(coordinates then use the file's pixel size)"
+        )
+    return stated.um, stated.source
