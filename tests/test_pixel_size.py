@@ -262,3 +262,36 @@ def test_localize_a_file_that_states_nothing(model, frames, tmp_path, capsys):
     umask = os.umask(0)
     os.umask(umask)
     assert stat.S_IMODE(out.stat().st_mode) == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------ calibrate --from-file
+def test_calibrate_from_file_takes_the_files_pixel_size(tmp_path, capsys):
+    """(Goes with the calibrate.py patch.) --from-file without --pixel-size reads it from
+    the file; --pixel-size still wins; a file stating none still needs it."""
+    from calib_synth import synth_stack
+
+    from focaltrack.calibration import Calibration
+
+    frames = synth_stack(nz=6, n_avg=1).frames0
+    ij = tmp_path / "ij.tif"
+    imagej_tiff(ij, frames, 0.325)
+    base = ["calibrate", "--from-file", str(ij), "--z-step", "2"]
+    assert main([*base, "--out", str(tmp_path / "a.h5")]) == 0
+    assert Calibration.load(tmp_path / "a.h5").pixel_size_um == pytest.approx(0.325, rel=1e-6)
+    assert main([*base, "--pixel-size", "0.65", "--out", str(tmp_path / "b.h5")]) == 0
+    assert Calibration.load(tmp_path / "b.h5").pixel_size_um == pytest.approx(0.65)
+    plain = tmp_path / "plain.tif"
+    tifffile.imwrite(plain, frames)
+    capsys.readouterr()
+    argv = [
+        "calibrate",
+        "--from-file",
+        str(plain),
+        "--z-step",
+        "2",
+        "--out",
+        str(tmp_path / "c.h5"),
+    ]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--from-file needs --pixel-size" in err and "plain.tif" in err

@@ -131,8 +131,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         type=_positive(float, "--pixel-size"),
         default=None,
         metavar="UM",
-        help="pixel size in the sample (µm); required with --from-file, else overrides "
-        "the driver's",
+        help="pixel size in the sample (µm); with --from-file: over what the file states "
+        "(OME, Micro-Manager, ImageJ, TIFF resolution, HDF5 pixel_size_um), needed where it "
+        "states none; else overrides the driver's",
     )
     g.add_argument(
         "--bit-depth",
@@ -194,14 +195,22 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--{opt.replace('_', '-')} is for --driver micromanager")
         if args.attach:
             raise ValueError("--attach is for --driver micromanager")
-        if args.pixel_size is None:
-            raise ValueError(
-                "--from-file needs --pixel-size (µm per pixel in the sample, e.g. 0.65 for "
-                "6.5 µm camera pixels behind a 10x objective)"
-            )
         import numpy as np
 
-        stack = load_stack_file(args.from_file, dataset=args.dataset)
+        from focaltrack.calibration.pixelsize import read_pixel_size
+
+        stack = load_stack_file(args.from_file, dataset=args.dataset)  # its errors first
+        pixel_size = args.pixel_size
+        if pixel_size is None:
+            stated = read_pixel_size(args.from_file, args.dataset)
+            if stated is None:
+                raise ValueError(
+                    f"--from-file needs --pixel-size where the file states none ("
+                    f"{args.from_file.name} does not): µm per pixel in the sample, e.g. 0.65 "
+                    "for 6.5 µm camera pixels behind a 10x objective"
+                )
+            pixel_size = stated.um
+            log.info("pixel size %g µm from %s (%s)", stated.um, args.from_file.name, stated.source)
         if args.bit_depth is not None:
             bits = int(args.bit_depth)
         elif np.issubdtype(stack.dtype, np.integer):
@@ -214,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
         cal = process_stack(
             stack,
             z,
-            float(args.pixel_size),
+            float(pixel_size),
             window_px=int(args.window),
             bit_depth=bits,
             source=source,
