@@ -30,7 +30,10 @@ and its small worker pool; the live pipeline's driver and analysis threads; a ca
 thread while calibrating; a monitor thread per training process; the recorder's writer
 thread while recording; the metrics HTTP server.
 
-The files the service writes live in the workspace (`focaltrack.daemon.workspace`);
+The files the service writes live in the workspace (`focaltrack.daemon.workspace`). One
+service per workspace: `start` takes ``<workspace>/run/service.lock``
+(`focaltrack.daemon.lock`) before it opens the microscope or loads a model, and a second
+service on the same workspace stops there with `WorkspaceInUse`.
 ``<workspace>/run/endpoints.json`` holds the bound endpoints and the pid while it runs.
 """
 
@@ -51,6 +54,7 @@ from focaltrack.daemon.config import ServiceConfig, check_exposure, workspace_di
 from focaltrack.daemon.control import ControlServer, Handler
 from focaltrack.daemon.job_runner import JobRunner
 from focaltrack.daemon.live import LiveSession
+from focaltrack.daemon.lock import ENDPOINTS_FILE, WorkspaceLock
 from focaltrack.daemon.metrics import MetricsServer, ServiceMetrics
 from focaltrack.daemon.notify import Notifier, sd_notify
 from focaltrack.daemon.protocol import ProtocolError, State
@@ -60,6 +64,7 @@ from focaltrack.daemon.state import ServiceState, utc_iso
 from focaltrack.daemon.transport import ServiceError, Transport
 from focaltrack.daemon.workspace import Workspace
 from focaltrack.drivers.base import DriverError
+from focaltrack.drivers.micromanager import NoPixelSizeError
 
 if TYPE_CHECKING:
     from focaltrack.drivers.base import CameraInfo, Driver
@@ -70,7 +75,11 @@ __all__ = ["Service", "ServiceError", "sd_notify"]
 
 #: Commands answered on the control thread itself (cheap, never touch the driver).
 _INLINE = frozenset({"status", "job", "cancel"})
-ENDPOINTS_FILE = "endpoints.json"
+#: How a service is given the pixel size Micro-Manager lacks.
+PIXEL_SIZE_REMEDY = (
+    "set [driver] pixel_size_um (camera pixel / magnification, in µm) in the configuration, "
+    "or start focaltrack serve with --pixel-size UM"
+)
 
 
 class Service:
@@ -107,6 +116,7 @@ class Service:
         self._t_start = time.monotonic()
         self._endpoints: dict[str, str] = {}
         self._camera: CameraInfo | None = None
+        self._lock: WorkspaceLock | None = None
         self.ws: Workspace | None = None
         self.exit_code = 0
 
@@ -122,9 +132,10 @@ class Service:
         return self._shared.state
 
     def start(self) -> None:
-        """Check the exposure settings, open the workspace and the driver, restore the last
-        calibration and model, bind the sockets and the metrics endpoint, start serving.
-        Raises `ConfigError` (unsafe bind, bad settings), `DriverError`, `ServiceError`."""
+        """Check the settings (the CURVE keys read), lock the workspace, open the driver,
+        bind the sockets and the metrics endpoint, restore the last calibration and model,
+        start serving. Raises `ConfigError` (unsafe bind, bad settings, unusable keys),
+        `WorkspaceInUse` (another service runs there), `DriverError`, `ServiceError`."""
         if self._started:
             raise ServiceError("the service was already started")
         self._started = True
@@ -132,11 +143,17 @@ class Service:
         if warning:
             log.warning("%s", warning)
         try:
+            # The whole configuration is checked before anything slow: the key files are read
+            # here, not after a model has been restored.
+            self._transport = Transport(self.config.network)
             self.ws = Workspace(workspace_dir(self.config).resolve())
+            self._lock = WorkspaceLock.acquire(self.ws.root, started_utc=utc_iso())
             self._open_driver()
             control, live = self._compose(self.ws)
-            self._restore(self.ws, live)
+            # Bound before the model is restored, so a port in use is reported at once;
+            # requests wait in the socket until the control thread starts below.
             self._bind(control)
+            self._restore(self.ws, live)
         except BaseException:
             self._teardown()
             self._shared.closing.set()
@@ -165,7 +182,10 @@ class Service:
             from focaltrack.daemon.microscope import open_service_driver
 
             log.info("opening the %s driver", self.config.driver.kind)
-            driver = self._driver = open_service_driver(self.config)
+            try:
+                driver = self._driver = open_service_driver(self.config)
+            except NoPixelSizeError as e:  # it names the Python API's way to give one
+                raise e.with_remedy(PIXEL_SIZE_REMEDY) from None
         d = self.config.driver
         if d.exposure_ms > 0:
             try:
@@ -258,7 +278,8 @@ class Service:
 
     def _bind(self, control: ControlServer) -> None:
         net = self.config.network
-        transport = self._transport = Transport(net)
+        transport = self._transport
+        assert transport is not None, "made by start"
         control_ep = control.bind(transport, net.control_port)
         pub_ep = self._publisher.bind(transport, net.pub_port, net.pub_hwm)
         try:
@@ -320,11 +341,15 @@ class Service:
         if self._driver is not None:
             with contextlib.suppress(Exception):
                 self._driver.close()
-        if self.ws is not None:
-            ep = self.ws.root / "run" / ENDPOINTS_FILE
+        if self._lock is not None:
+            # Only the lock's holder wrote the file: a service refused the workspace leaves
+            # the running one's file alone (even in the same process).
+            ep = self._lock.root / "run" / ENDPOINTS_FILE
             with contextlib.suppress(OSError, ValueError):
                 if json.loads(ep.read_text()).get("pid") == os.getpid():
                     ep.unlink()
+            self._lock.release()
+            self._lock = None
 
     def join(self, timeout_s: float | None = None) -> bool:
         """Wait until the service has stopped (after `stop` or a ``shutdown`` request)."""

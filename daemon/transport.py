@@ -3,7 +3,8 @@
 `Transport` makes the sockets of the control server (ROUTER) and the publisher (PUB) with
 the same settings: no linger, IPv6 when the bind address is one, and, when
 ``network.curve_server_secret_file`` is set, CURVE server keys with a ZAP authenticator that
-admits the public keys in ``network.curve_allowed_clients_dir``.
+admits the public keys in ``network.curve_allowed_clients_dir``. Every key file is read when
+`Transport` is made, which the service does before it opens anything else.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Transport:
                 raise
 
     def _start_curve(self, net: NetworkConfig) -> None:
-        from zmq.auth import load_certificate
+        from zmq.auth import load_certificate, load_certificates
         from zmq.auth.thread import ThreadAuthenticator
 
         try:
@@ -70,6 +71,21 @@ class Transport:
             raise ConfigError(
                 f"network.curve_server_secret_file: {net.curve_server_secret_file} holds no "
                 "secret key (use the .key_secret file from zmq.auth.create_certificates)"
+            )
+        # The authenticator would only log a client key it cannot read, and admit nobody.
+        clients_dir = net.curve_allowed_clients_dir
+        try:
+            allowed = load_certificates(clients_dir)
+        except (OSError, ValueError) as e:
+            raise ConfigError(
+                f"network.curve_allowed_clients_dir: cannot read the client keys in "
+                f"{clients_dir}: {e}"
+            ) from e
+        if not allowed:
+            log.warning(
+                "network.curve_allowed_clients_dir %s holds no client public key (*.key): "
+                "no client can connect",
+                clients_dir,
             )
         self._auth = ThreadAuthenticator(self.ctx)
         self._auth.start()

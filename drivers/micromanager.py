@@ -78,7 +78,32 @@ from focaltrack.drivers.base import (
     StreamEnded,
 )
 
-__all__ = ["MicroManagerDriver", "StreamEnded"]
+__all__ = ["MicroManagerDriver", "NoPixelSizeError", "StreamEnded"]
+
+#: How a caller of the Python API gives the pixel size Micro-Manager lacks; the command line
+#: and the service say their own way (`NoPixelSizeError.with_remedy`).
+API_PIXEL_SIZE_REMEDY = (
+    "pass pixel_size_um=<camera pixel / magnification, in µm> to the driver "
+    "(drivers.open_driver(..., pixel_size_um=...))"
+)
+
+
+class NoPixelSizeError(DriverError):
+    """Micro-Manager has no pixel size for the current objective and none was given.
+    ``remedy`` says how the caller gives one."""
+
+    def __init__(self, core_px: float, remedy: str = API_PIXEL_SIZE_REMEDY) -> None:
+        self.core_px = core_px
+        self.remedy = remedy
+        super().__init__(
+            "Micro-Manager reports no pixel size (get_pixel_size_um() returned "
+            f"{core_px}): there is no pixel-size configuration for the current objective. "
+            f"Either define one in Micro-Manager (Devices > Pixel Size Calibration) or {remedy}."
+        )
+
+    def with_remedy(self, remedy: str) -> NoPixelSizeError:
+        """The same error, telling the user to give the pixel size ``remedy``'s way."""
+        return NoPixelSizeError(self.core_px, remedy)
 
 
 _PIXEL_DTYPES = {1: np.uint8, 2: np.uint16}
@@ -168,13 +193,7 @@ class MicroManagerDriver:
         elif math.isfinite(core_px) and core_px > 0:
             self._pixel_size_um = core_px
         else:
-            raise DriverError(
-                "Micro-Manager reports no pixel size (get_pixel_size_um() returned "
-                f"{core_px}): there is no pixel-size configuration for the current objective. "
-                "Either define one in Micro-Manager (Devices > Pixel Size Calibration) or pass "
-                "pixel_size_um=<camera pixel / magnification, in µm> to the driver "
-                "(drivers.open_driver(..., pixel_size_um=...))."
-            )
+            raise NoPixelSizeError(core_px)
 
         self._z = self.get_z()
         self._snap_count = 0

@@ -469,6 +469,39 @@ def test_refuses_a_non_loopback_bind_without_keys(tmp_path):
         svc.start()
 
 
+def test_unusable_curve_keys_are_refused_before_the_microscope_opens(tmp_path, monkeypatch):
+    import zmq.auth
+
+    keys, allowed, broken = tmp_path / "keys", tmp_path / "allowed", tmp_path / "broken"
+    for d in (keys, allowed, broken):
+        d.mkdir()
+    public, secret = zmq.auth.create_certificates(keys, "server")
+    zmq.auth.create_certificates(allowed, "lab-pc")
+    (broken / "lab-pc.key").write_text("this is not a certificate\n")
+
+    def opened(self: Service) -> None:
+        raise AssertionError("the microscope was opened before the key files were read")
+
+    monkeypatch.setattr(Service, "_open_driver", opened)
+    cases = [
+        ({"network.curve_server_secret_file": str(public)}, "holds no secret key"),
+        (
+            {"network.curve_allowed_clients_dir": str(broken)},
+            r"curve_allowed_clients_dir: cannot read the client keys",
+        ),
+    ]
+    for overrides, match in cases:
+        net = {
+            "network.curve_server_secret_file": str(secret),
+            "network.curve_allowed_clients_dir": str(allowed),
+            **overrides,
+        }
+        svc = Service(_config(tmp_path / "ws", **net))
+        with pytest.raises(ConfigError, match=match):
+            svc.start()
+        assert svc.stopped
+
+
 def test_curve_allow_list_and_systemd_notify(tmp_path, monkeypatch):
     import socket
 
@@ -550,8 +583,8 @@ def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
 
 
-def _serve(ws: Path, *extra: str) -> subprocess.Popen[bytes]:
-    cmd = [
+def _serve_command(ws: Path, *extra: str) -> list[str]:
+    return [
         sys.executable,
         "-m",
         "focaltrack.daemon.cli",
@@ -570,6 +603,10 @@ def _serve(ws: Path, *extra: str) -> subprocess.Popen[bytes]:
         "4",
         *extra,
     ]
+
+
+def _serve(ws: Path, *extra: str) -> subprocess.Popen[bytes]:
+    cmd = _serve_command(ws, *extra)
     with open(ws / "serve.log", "ab") as log:  # the child keeps its own descriptor
         return subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=log)
 
@@ -587,6 +624,49 @@ def _endpoints(ws: Path, proc: subprocess.Popen[bytes], timeout_s: float = 90) -
         return data if data["pid"] == proc.pid else None
 
     return _wait_for(ready, timeout_s, "focaltrack serve to write endpoints.json", poll_s=0.1)
+
+
+def _cli(argv: list[str]) -> int:
+    from focaltrack.daemon.cli import main
+
+    return main(argv)
+
+
+def test_one_serve_per_workspace(tmp_path, capsys):
+    """A second `focaltrack serve` on a workspace exits 2 with one line naming the running
+    service's pid and endpoints, before it opens anything, and leaves that service and its
+    run/endpoints.json alone; the client verbs find the service through the workspace, and
+    say so when it has died."""
+    ws = tmp_path / "ws"
+    ws.mkdir()
+    first = _serve(ws)
+    try:
+        ep = _endpoints(ws, first)
+        before = (ws / "run" / "endpoints.json").read_bytes()
+        second = subprocess.run(
+            _serve_command(ws), env=_env(), capture_output=True, text=True, timeout=120
+        )
+        assert second.returncode == 2, second.stderr
+        lines = second.stderr.strip().splitlines()
+        assert len(lines) == 1, second.stderr
+        assert f"pid {first.pid}" in lines[0] and "in use by another focaltrack service" in lines[0]
+        for name in ("control", "pub", "metrics"):
+            assert ep[name] in lines[0]
+        assert (ws / "run" / "endpoints.json").read_bytes() == before
+        with ControlClient(ep["control"], timeout_s=10) as ctl:
+            assert ctl.call("status")["pid"] == first.pid
+        assert _cli(["status", "--workspace", str(ws), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["pid"] == first.pid
+        first.kill()
+        assert first.wait(10) == -signal.SIGKILL
+        # Its endpoints.json stays behind; the clients tell a dead service from a silent one.
+        assert _cli(["ctl", "status", "--workspace", str(ws)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"(pid {first.pid}) is not running" in err
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
 
 
 def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspace, tmp_path):
@@ -624,6 +704,7 @@ def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspac
             _wait_for(lambda: n_frames() > seen, 30, "the live file to grow again")
         proc.kill()  # SIGKILL: no chance to flush or close anything
         assert proc.wait(10) == -signal.SIGKILL
+        killed = proc.pid
         with h5py.File(path, "r", libver="latest", swmr=True) as f:
             n = f["frames"].shape[0]
             assert n >= seen
@@ -654,6 +735,10 @@ def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspac
             assert f.attrs["complete"] and f.attrs["n_frames"] == f["frames"].shape[0] > 3
         log = (ws / "serve.log").read_text(errors="replace")
         assert "restored model tiny" in log and "serving: control tcp://127.0.0.1:" in log
+        # The lock the killed service left was taken over, with a warning; a clean stop
+        # leaves nothing to take over.
+        assert f"left by pid {killed}, which did not stop cleanly" in log
+        assert (ws / "run" / "service.lock").read_text() == ""
     finally:
         if proc.poll() is None:
             proc.kill()

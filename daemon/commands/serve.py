@@ -6,8 +6,10 @@
 
 Logs go to stderr. Once serving, the bound endpoints are logged and written to
 ``<workspace>/run/endpoints.json`` (``{"control", "pub", "metrics", "pid", "started_utc"}``),
-which is how a caller finds the ports it asked to be chosen (port 0). Exit status 0 after a
-clean shutdown, 2 on a configuration or startup error, 1 on a fatal error while running.
+which is how a caller finds the ports it asked to be chosen (port 0). One service per
+workspace: a second one on the same workspace exits with status 2 and one line naming the
+running one's pid and endpoints. Exit status 0 after a clean shutdown, 2 on a configuration or
+startup error, 1 on a fatal error while running.
 Module-level imports are light: the service (torch, zmq, h5py) loads inside `run`.
 """
 
@@ -38,6 +40,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--mm-app-path", metavar="DIR", help="driver.mm_app_path")
     p.add_argument("--mm-config", metavar="FILE", help="driver.mm_config")
     p.add_argument("--attach", action="store_true", default=None, help="driver.attach = true")
+    p.add_argument(
+        "--pixel-size", type=float, metavar="UM", help="driver.pixel_size_um (µm in the sample)"
+    )
     p.add_argument("--workspace", metavar="DIR", help="workspace.dir")
     p.add_argument("--bind", metavar="ADDR", help="network.bind (default 127.0.0.1)")
     p.add_argument("--control-port", type=int, metavar="N", help="network.control_port (0: any)")
@@ -58,6 +63,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "driver.mm_app_path": args.mm_app_path,
         "driver.mm_config": args.mm_config,
         "driver.attach": args.attach,
+        "driver.pixel_size_um": args.pixel_size,
         "workspace.dir": args.workspace,
         "network.bind": args.bind,
         "network.control_port": args.control_port,
