@@ -7,7 +7,8 @@ a module.
 
 Errors a user can act on (every ``FocaltrackError``: bad files, bad values, hardware faults;
 and the OS's file errors) are printed as one line naming the problem, exit status 2;
-``--debug`` shows the traceback instead.
+``--debug`` shows the traceback instead. An error that says how to give a value the Python
+way (Micro-Manager's missing pixel size) names the verb's option instead.
 """
 
 from __future__ import annotations
@@ -59,8 +60,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FocaltrackError, ValueError, OSError) as e:
         if args.debug:
             raise
-        print(f"focaltrack {args.command}: error: {e}", file=sys.stderr)
+        print(
+            f"focaltrack {args.command}: error: {_for_the_command_line(e, args)}", file=sys.stderr
+        )
         return 2
+
+
+def _for_the_command_line(e: BaseException, args: argparse.Namespace) -> BaseException:
+    """``e``, its remedy put in the verb's terms where the verb has the option for it."""
+    from focaltrack.drivers.micromanager import NoPixelSizeError
+
+    if isinstance(e, NoPixelSizeError) and hasattr(args, "pixel_size"):
+        return e.with_remedy("pass --pixel-size UM (camera pixel / magnification, in µm)")
+    return e
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -10,11 +10,15 @@
   whose ZMQ server is enabled (port 4827 by default), bounded by ``attach_timeout_s``.
 
 pycromanager is imported only on the Micro-Manager paths, so the simulator needs none of it.
+Micro-Manager's errors are reported in one line (`DriverError`); its full, often multi-line
+text goes to the log.
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +35,8 @@ if TYPE_CHECKING:
     from focaltrack.sim.scene import Motion, Scene
 
 __all__ = ["DEFAULT_BUFFER_SIZE_MB", "DEFAULT_MM_PORT", "open_driver", "open_simulator"]
+
+log = logging.getLogger("focaltrack.drivers")
 
 DEFAULT_BUFFER_SIZE_MB = 256
 DEFAULT_MM_PORT = 4827
@@ -194,13 +200,55 @@ def _start_headless(app: Path, cfg: Path, buffer_size_mb: int) -> Any:
         try:
             start_headless(str(app), str(cfg), python_backend=True, buffer_size_mb=buffer_size_mb)
         except Exception as exc:
-            raise DriverError(
-                f"could not start Micro-Manager headless from {app} with {cfg}: {exc}. "
-                "The installation's device adapters must match pymmcore's device interface "
-                "version (pymmcore 12.5.1.75.0: interface 75, a recent nightly build)."
-            ) from exc
+            raise mm_start_error(app, cfg, exc) from exc
         _headless_started = True
         return Core()
+
+
+# MMCore's words for an adapter built against another device (or module) interface:
+# "Incompatible device interface version (required = 75; found = 71)", and in later
+# releases "(MMCore requires 75; device adapter has 71)".
+_INTERFACE_MISMATCH = re.compile(
+    r"Incompatible (?:device|module) interface version\s*"
+    r"\((?:required = |MMCore requires )(\d+); (?:found = |device adapter has )(\d+)\)"
+)
+
+
+def mm_start_error(app: Path, cfg: Path, exc: BaseException) -> DriverError:
+    """One line for a failed MMCore start: the configuration line MMCore names and its
+    innermost reason, and a hint when the adapters were built for another device interface.
+    MMCore's whole message goes to the log."""
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    summary = lines[0]
+    # MMCore nests its causes: 'Failed to load device adapter "X" [ ... [ the reason ] ]'.
+    inner = re.findall(r"\[\s*([^\[\]]+?)\s*\]", text)
+    if inner and inner[-1] not in summary:
+        summary = f"{summary}: {inner[-1]}"
+    elif len(lines) > 1:
+        summary = f"{summary}: {lines[-1]}"
+    message = f"could not start Micro-Manager headless from {app} with {cfg}: {summary}"
+    mismatch = _INTERFACE_MISMATCH.search(text)
+    if mismatch:
+        needed, found = mismatch.groups()
+        message += (
+            f"; the device adapters were built for interface {found} and this "
+            f"{_pymmcore_version()} needs {needed}: install a Micro-Manager build for "
+            f"interface {needed}, or the pymmcore release whose fourth version number is {found}"
+        )
+    if len(lines) > 1 or inner:
+        log.info("Micro-Manager's message in full:\n%s", text)
+        message += " (Micro-Manager's full message is in the log)"
+    return DriverError(message)
+
+
+def _pymmcore_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"pymmcore {version('pymmcore')}"
+    except PackageNotFoundError:
+        return "pymmcore"
 
 
 def _attach(port: int, timeout_s: float) -> Any:
@@ -223,6 +271,7 @@ def _attach(port: int, timeout_s: float) -> Any:
         except BaseException as exc:
             result["error"] = exc
 
+    _quiet_bridge_threads()
     t = threading.Thread(target=connect, name="focaltrack-mm-attach", daemon=True)
     t.start()
     t.join(timeout_s + 2.0)
@@ -230,3 +279,36 @@ def _attach(port: int, timeout_s: float) -> Any:
         err = result.get("error")
         raise DriverError(message + (f" ({err})" if err else "")) from err
     return result["core"]
+
+
+#: pyjavaz names its socket thread so; when the connect fails, the thread raises after the
+#: waiting caller has the error (and then fails to join itself), and Python prints both
+#: tracebacks on stderr before focaltrack's own one-line message.
+_BRIDGE_THREAD = "BridgeSocketThread_port"
+
+
+class _QuietBridgeThreads:
+    """A `threading.excepthook` that logs pyjavaz's bridge-thread errors at debug level and
+    hands every other thread's to the hook it replaced."""
+
+    def __init__(self, previous: Any) -> None:
+        self.previous = previous
+
+    def __call__(self, args: threading.ExceptHookArgs) -> None:
+        thread = args.thread
+        if thread is not None and thread.name.startswith(_BRIDGE_THREAD):
+            log.debug(
+                "pyjavaz's %s ended with %s: %s",
+                thread.name,
+                args.exc_type.__name__,
+                args.exc_value,
+                exc_info=args.exc_value,
+            )
+            return
+        self.previous(args)
+
+
+def _quiet_bridge_threads() -> None:
+    # Installed when first needed and kept: the bridge thread may fail after _attach returns.
+    if not isinstance(threading.excepthook, _QuietBridgeThreads):
+        threading.excepthook = _QuietBridgeThreads(threading.excepthook)
