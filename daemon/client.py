@@ -326,23 +326,33 @@ def endpoints_from_config(config_path: str | os.PathLike[str] | None) -> tuple[s
 def connection_from_args(args: Any, *, need: str) -> tuple[str, dict[str, bytes] | None]:
     """(endpoint, curve options) for ``need`` = "control" or "pub" from parsed arguments.
 
-    Raises ValueError with a message a user can act on.
+    The endpoint: ``--control``/``--pub`` as given; else the one the workspace's
+    ``run/endpoints.json`` names (``--workspace``, else the configured workspace), which a
+    running service wrote, port 0 or not; else the configured port (``--config``, the
+    ``FOCALTRACK_*`` environment, the defaults). Raises ValueError with a message a user can
+    act on: no service on an explicit ``--workspace``, or a dead one named there.
     """
     explicit = getattr(args, need, None)
     if explicit:
         ep = explicit
     else:
-        from focaltrack.daemon.config import load_config
+        from focaltrack.daemon.config import load_config, workspace_dir
 
         cfg = load_config(args.config)
-        port = cfg.network.control_port if need == "control" else cfg.network.pub_port
-        if port == 0:
-            raise ValueError(
-                f"network.{need}_port is 0 (any free port) in this configuration: pass "
-                f"--{need} with the endpoint the service logged at start (or `focaltrack status "
-                "--control ...` shows it)"
-            )
-        ep = endpoint(cfg.network.bind, port)
+        given = getattr(args, "workspace", None)
+        ws = Path(given).expanduser() if given else workspace_dir(cfg)
+        found = _from_workspace(ws, need, explicit_workspace=bool(given))
+        if found is not None:
+            ep = found
+        else:
+            port = cfg.network.control_port if need == "control" else cfg.network.pub_port
+            if port == 0:
+                raise ValueError(
+                    f"network.{need}_port is 0 (any free port) in this configuration and no "
+                    f"service runs on the workspace {ws}: pass --workspace with the service's "
+                    f"workspace, or --{need} with the endpoint it logged at start"
+                )
+            ep = endpoint(cfg.network.bind, port)
     if not ep.startswith(("tcp://", "ipc://", "inproc://")):
         raise ValueError(f"--{need} {ep!r} is not an endpoint like tcp://127.0.0.1:5560")
     curve = None
@@ -354,3 +364,29 @@ def connection_from_args(args: Any, *, need: str) -> tuple[str, dict[str, bytes]
         except OSError as e:
             raise ValueError(f"cannot read CURVE keys: {e}") from None
     return ep, curve
+
+
+def _from_workspace(ws: Path, need: str, *, explicit_workspace: bool) -> str | None:
+    """The ``need`` endpoint that ``ws/run/endpoints.json`` names, or None when there is no
+    such file (an error instead for a workspace the user named). A file whose service is no
+    longer running is an error either way: its ports may belong to anything by now."""
+    from focaltrack.daemon.lock import service_status
+
+    svc = service_status(ws)
+    if svc is None:
+        if explicit_workspace:
+            raise ValueError(
+                f"no focaltrack service is running on the workspace {ws} "
+                "(no run/endpoints.json there)"
+            )
+        return None
+    pid = "an unknown pid" if svc.pid is None else f"pid {svc.pid}"
+    if not svc.running:
+        raise ValueError(
+            f"the service that {ws / 'run' / 'endpoints.json'} names ({pid}) is not running: "
+            "it did not stop cleanly; start it again with focaltrack serve"
+        )
+    ep = svc.endpoints.get(need)
+    if not ep:
+        raise ValueError(f"{ws / 'run' / 'endpoints.json'} names no {need} endpoint ({pid})")
+    return ep

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +15,7 @@ import zmq
 
 from focaltrack.daemon import protocol as P
 from focaltrack.daemon.client import ControlClient, ControlError, Subscriber
+from focaltrack.daemon.lock import WorkspaceLock
 
 
 class TinyRouter:
@@ -109,14 +112,27 @@ def test_slow_server_lazy_pirate_reconnects(router: Callable[..., TinyRouter]) -
 
 
 def test_non_idempotent_commands_are_not_resent(router: Callable[..., TinyRouter]) -> None:
-    srv = router(lambda n, req: None if n == 0 else P.ok_reply({"job": "j"}))
-    with ControlClient(srv.endpoint, timeout_s=0.2, retries=3) as c:
-        with pytest.raises(TimeoutError, match="1 attempt"):
-            c.call("train")
-        assert len(srv.seen) == 1
+    # The server ignores the requests named "lost" and get_z, and answers the rest. Only those
+    # silences are waited out (0.2 s each); every reply that must come has 30 s, so a loaded
+    # machine cannot fail the test, and the attempt counts are the client's own.
+    def handler(n: int, req: P.Request) -> dict[str, Any] | None:
+        if req.args.get("name") == "lost" or req.cmd == "get_z":
+            return None
+        return P.ok_reply({"job": "j"})
+
+    srv = router(handler)
+    with ControlClient(srv.endpoint, timeout_s=30.0, retries=3) as c:
+        with pytest.raises(TimeoutError, match="after 1 attempt"):
+            c.request("train", {"name": "lost"}, timeout_s=0.2)
         # The socket was rebuilt all the same, and the next call works.
-        assert c.call("train") == {"job": "j"}
-        # An explicit retries= overrides.
+        assert c.call("train", name="found") == {"job": "j"}
+        lost = [r for r in srv.seen if r.args.get("name") == "lost"]
+        assert len(lost) <= 1  # sent once (it may even have been lost with the old socket)
+        # An explicit retries= overrides, both ways.
+        with pytest.raises(TimeoutError, match="after 2 attempt"):
+            c.request("train", {"name": "lost"}, timeout_s=0.2, retries=2)
+        with pytest.raises(TimeoutError, match="after 1 attempt"):
+            c.request("get_z", timeout_s=0.2, retries=1)
         assert c.request("start", retries=2)["ok"] is True
 
 
@@ -386,12 +402,12 @@ def test_ctl_status_verbs_against_a_router(
     assert json.loads(capsys.readouterr().out)["state"] == "idle"
     assert _cli(["ctl", "move_z", "z_um=2.5", *ep]) == 0
     assert json.loads(capsys.readouterr().out) == {"cmd": "move_z", "args": {"z_um": 2.5}}
-    assert _cli(["ctl", "start", *ep]) == 1
+    assert _cli(["ctl", "start", *ep]) == 2  # an error reply: 2, as every other error
     assert "wrong_state" in capsys.readouterr().err
     assert _cli(["ctl", "train", "preset=quick", "--wait", "--poll", "0.01", *ep]) == 0
     captured = capsys.readouterr()
     assert "j1 train running" in captured.err and '"state": "done"' in captured.out
-    assert _cli(["ctl", "frobnicate", *ep]) == 1
+    assert _cli(["ctl", "frobnicate", *ep]) == 2
     assert "unknown_command" in capsys.readouterr().err
     assert _cli(["ctl", "--list"]) == 0
     assert "move_z" in capsys.readouterr().out
@@ -402,11 +418,8 @@ def test_ctl_status_verbs_against_a_router(
 def test_cli_no_service_and_port_zero(
     tmp_path: Any, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.ROUTER)
-    port = s.bind_to_random_port("tcp://127.0.0.1")
-    s.close(linger=0)
-    ctx.term()
+    monkeypatch.setenv("FOCALTRACK_WORKSPACE_DIR", str(tmp_path / "ws"))  # no service there
+    port = _free_port()
     ep = f"tcp://127.0.0.1:{port}"
     assert _cli(["status", "--control", ep, "--timeout", "0.1"]) == 2
     assert "no reply" in capsys.readouterr().err
@@ -418,6 +431,74 @@ def test_cli_no_service_and_port_zero(
     monkeypatch.delenv("FOCALTRACK_NETWORK_CONTROL_PORT")
     assert _cli(["status", "--config", str(cfg), "--timeout", "0.1"]) == 2
     assert f":{port}" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    ctx = zmq.Context()
+    s = ctx.socket(zmq.ROUTER)
+    port = s.bind_to_random_port("tcp://127.0.0.1")
+    s.close(linger=0)
+    ctx.term()
+    return port
+
+
+def _as_a_service(ws: Path, control: str, pub: str) -> WorkspaceLock:
+    """Make ``ws`` look as a running service leaves it: its lock held (by this process) and
+    run/endpoints.json naming ``control`` and ``pub``."""
+    lock = WorkspaceLock.acquire(ws, started_utc="2026-12-07T00:00:00Z")
+    eps = {"control": control, "pub": pub, "metrics": "http://127.0.0.1:1/metrics"}
+    (ws / "run" / "endpoints.json").write_text(json.dumps({**eps, "pid": os.getpid()}))
+    return lock
+
+
+def test_client_verbs_find_the_service_through_the_workspace(
+    router: Callable[..., TinyRouter],
+    pub: Pub,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """status, ctl and watch need no endpoint: the workspace's run/endpoints.json names it,
+    whatever ports the configuration has (here 0, "any free port")."""
+    srv = router(lambda n, req: P.ok_reply({"state": "idle"} if req.cmd == "status" else {}))
+    monkeypatch.setenv("FOCALTRACK_NETWORK_CONTROL_PORT", "0")
+    monkeypatch.setenv("FOCALTRACK_NETWORK_PUB_PORT", "0")
+    ws, other = tmp_path / "ws", tmp_path / "other"
+    lock = _as_a_service(ws, srv.endpoint, pub.endpoint)
+    try:
+        assert _cli(["status", "--workspace", str(ws), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == {"state": "idle"}
+        # The configured workspace is the default one.
+        monkeypatch.setenv("FOCALTRACK_WORKSPACE_DIR", str(ws))
+        assert _cli(["ctl", "move_z", "z_um=1"]) == 0
+        assert srv.seen[-1].cmd == "move_z" and json.loads(capsys.readouterr().out) == {}
+        argv = ["watch", "hb", "-n", "1", "--json", "--timeout", "5"]
+        result: list[int] = []
+        t = threading.Thread(target=lambda: result.append(_cli(argv)))
+        t.start()
+        deadline = time.monotonic() + 10.0
+        while t.is_alive() and time.monotonic() < deadline:
+            pub.hb()
+            t.join(timeout=0.02)
+        t.join(timeout=5)
+        assert result == [0]
+        assert json.loads(capsys.readouterr().out.splitlines()[0])["topic"] == "hb"
+        # A workspace named on the command line with no service: one line, exit 2.
+        other.mkdir()
+        assert _cli(["status", "--workspace", str(other)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert (
+            len(err.splitlines()) == 1
+            and f"no focaltrack service is running on the workspace {other}" in err
+        )
+    finally:
+        lock.release()
+    # The service died (its lock is free) and left endpoints.json behind: said in one line,
+    # exit 2, instead of waiting for a reply from ports that may belong to anything by now.
+    for argv in (["status"], ["ctl", "get_z"], ["watch"]):
+        assert _cli(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and f"(pid {os.getpid()}) is not running" in err
 
 
 def test_watch_prints_messages(pub: Pub, capsys: pytest.CaptureFixture[str]) -> None:

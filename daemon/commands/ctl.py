@@ -11,8 +11,12 @@ Each value is read as JSON when it parses (``5``, ``2.5``, ``true``, ``null``, `
 and as a plain string otherwise. The result is printed as JSON. ``--wait`` follows a job
 (``calibrate``, ``train``) until it ends, printing its progress to stderr.
 
-Exit status: 0 done; 1 the service said no (or the job failed / was cancelled); 2 bad
-arguments here or no reply.
+The service is found as for ``focaltrack status``: ``--control``, else the workspace's
+``run/endpoints.json``, else the configured port.
+
+Exit status: 0 done; 1 the job failed or was cancelled (``--wait``); 2 an error: the service
+said no (its error code and message are printed), bad arguments here, no reply, or no
+service running.
 """
 
 from __future__ import annotations
@@ -115,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             result = client.call(args.cmd, **params)
         except ControlError as e:
             print(f"focaltrack ctl {args.cmd}: {e}", file=sys.stderr)
-            return 1
+            return 2
         print(json.dumps(result, indent=2, sort_keys=True))
         if not args.wait:
             return 0
@@ -128,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                 job = client.call("job", id=job_id)
             except ControlError as e:
                 print(f"focaltrack ctl job {job_id}: {e}", file=sys.stderr)
-                return 1
+                return 2
             line = (
                 f"{job.get('id')} {job.get('kind')} {job.get('state')} "
                 f"{100 * float(job.get('progress') or 0):.0f}% {job.get('message') or ''}"

@@ -1,12 +1,16 @@
 """``focaltrack status``: ask a running service how it is doing.
 
-    focaltrack status                       # the default endpoint tcp://127.0.0.1:5560
+    focaltrack status                       # the service of the configured workspace
+    focaltrack status --workspace out/demo/workspace
     focaltrack status --config focaltrack.toml
     focaltrack status --control tcp://lab-pc:5560 --curve-server-key server.key \\
         --curve-client-key me.key_secret
     focaltrack status --json
 
-Exit status 0 when the service answered, 1 when it said no, 2 when it did not answer.
+The service is found as `focaltrack.daemon.client.connection_from_args` says: ``--control``,
+else the workspace's ``run/endpoints.json`` (written by the running service), else the
+configured port. Exit status 0 when the service answered; 2 when it said no, did not answer,
+or is not running.
 """
 
 from __future__ import annotations
@@ -35,13 +39,14 @@ _ORDER = (
 
 
 def add_connection_args(parser: argparse.ArgumentParser, *, pub: bool) -> None:
-    """``--control``/``--pub`` endpoints, ``--config`` to derive them, CURVE key files."""
+    """``--control``/``--pub`` endpoints, ``--workspace`` or ``--config`` to find them, CURVE
+    key files."""
     g = parser.add_argument_group("connection")
     g.add_argument(
         "--control",
         metavar="ENDPOINT",
-        help="control endpoint, e.g. tcp://127.0.0.1:5560 (default: from --config / "
-        "FOCALTRACK_NETWORK_* / the defaults)",
+        help="control endpoint, e.g. tcp://127.0.0.1:5560 (default: the one the workspace's "
+        "run/endpoints.json names, else the configured port)",
     )
     if pub:
         g.add_argument(
@@ -49,6 +54,12 @@ def add_connection_args(parser: argparse.ArgumentParser, *, pub: bool) -> None:
             metavar="ENDPOINT",
             help="publish endpoint, e.g. tcp://127.0.0.1:5561 (default: as for --control)",
         )
+    g.add_argument(
+        "--workspace",
+        metavar="DIR",
+        help="the service's workspace, whose run/endpoints.json says where it listens "
+        "(default: the configured workspace)",
+    )
     g.add_argument("--config", metavar="FILE", help="the service's TOML file, to find its ports")
     g.add_argument(
         "--curve-server-key",
@@ -81,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
             result = client.call("status")
     except ControlError as e:
         print(f"focaltrack status: {e}", file=sys.stderr)
-        return 1
+        return 2
     if args.json:
         print(json.dumps(result, indent=2, sort_keys=True))
     else:

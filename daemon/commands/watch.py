@@ -7,7 +7,9 @@
 
 One line per message; ``--json`` prints each header as one JSON line (with the topic and,
 when there is one, the binary payload's length as ``payload_bytes``). Lost messages (gaps in a
-topic's sequence numbers) are reported as they are noticed. Ctrl-C ends it.
+topic's sequence numbers) are reported as they are noticed. Ctrl-C ends it. The service is
+found as for ``focaltrack status``: ``--pub``, else the workspace's ``run/endpoints.json``,
+else the configured port.
 """
 
 from __future__ import annotations
