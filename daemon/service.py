@@ -222,6 +222,7 @@ class Service:
             metrics=metrics,
             recording=recording,
             watchdog=self._notifier.watchdog,
+            tracker=cfg.tracker,
         )
         jobs = self._jobs = JobRunner(
             driver,

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from focaltrack.common.errors import FocaltrackError
+
 __all__ = [
     "ACCEL_REFERENCE_S",
     "NOISE_FROM_MODEL",
@@ -40,7 +42,7 @@ class MotionModel(str, Enum):
     """State (x, y, z); Brownian motion with diffusion coefficient ``diffusion_um2_s``."""
 
 
-class TrackerConfigError(ValueError):
+class TrackerConfigError(FocaltrackError, ValueError):
     """A tracker parameter is out of range; ``names`` are the parameters at fault."""
 
     def __init__(self, names: tuple[str, ...], message: str) -> None:

@@ -462,6 +462,33 @@ def test_cancel_training_leaves_nothing(tiny_workspace, tmp_path):
     assert svc.join(20)
 
 
+def test_tracker_section_reaches_the_live_tracker(tiny_workspace, tmp_path):
+    """[tracker] settings (the old [analysis] tracker_* spelling too) are what the live
+    tracker of the restored model runs with; the noise left at 0 comes from the model."""
+    from focaltrack.models.tracker_config import MotionModel
+
+    shutil.copytree(tiny_workspace.root, tmp_path / "ws")
+    cfg = _config(
+        tmp_path / "ws",
+        **{
+            "tracker.max_misses": 9,
+            "tracker.motion": "random_walk",
+            "analysis.tracker_confirm_window": 7,  # the deprecated spelling, mapped
+        },
+    )
+    svc = Service(cfg)
+    svc.start()
+    try:
+        model = svc._shared.model
+        assert model is not None and model.name == "tiny"
+        tc = model.analysis.analyser().tracker.config
+        assert (tc.max_misses, tc.motion, tc.confirm_window) == (9, MotionModel.RANDOM_WALK, 7)
+        assert tc.sigma_lateral_um > 0 and tc.sigma_axial_um > 0
+    finally:
+        svc.stop()
+    assert svc.join(20)
+
+
 def test_refuses_a_non_loopback_bind_without_keys(tmp_path):
     cfg = _config(tmp_path, **{"network.bind": "0.0.0.0"})
     svc = Service(cfg)
