@@ -2,6 +2,7 @@
 
     focaltrack bench [--sizes 256,512] [--emitters 20] [--duration-s 10] [--model DIR]
                      [--fps 100] [--camera replay|sim] [--device cuda] [--json FILE]
+    focaltrack bench --soak 10m [--sizes 256] [--fps 100] [--camera replay|sim] ...
 
 For each frame size it measures, in this order:
 
@@ -21,6 +22,12 @@ so the measurement is the pipeline's and not the simulator's — rendering a 512
 analysis needs. ``--camera sim`` streams from the simulated microscope itself instead (its
 frame rate is then what it can render, and it competes with the analysis for the CPU).
 
+``--soak DURATION`` runs the live pipeline alone, at one size (256 unless ``--sizes`` says),
+for DURATION (seconds, or ``90s``, ``10m``, ``1h``) with a subscriber on every data topic and
+``status`` asked once a second, and reports what a long run shows: RSS growth after the
+warm-up (and its slope), drops, latency p50 / p99 / max and the longest ``status`` reply
+(`focaltrack.daemon.soak`).
+
 It needs a trained model: ``--model DIR``, else the current model of ``--workspace`` (default:
 the service's per-user workspace), else the one ``focaltrack demo`` left in
 ``out/demo/workspace``.
@@ -38,7 +45,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -51,7 +59,7 @@ from focaltrack.drivers.replay import ReplayCamera
 from focaltrack.sim.scene import render_flow_frames
 
 if TYPE_CHECKING:
-    pass
+    from focaltrack.daemon.client import ControlClient
 
 log = logging.getLogger("focaltrack.bench")
 
@@ -171,10 +179,27 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
             "render time, to say what limits it. Uses the GPU when there is one."
         ),
     )
-    p.add_argument("--sizes", type=_sizes, default=[256, 512], help="frame sides (px)")
+    p.add_argument(
+        "--sizes", type=_sizes, default=None, help="frame sides (px; default 256,512; --soak: 256)"
+    )
     p.add_argument("--emitters", type=int, default=20, help="emitters in the scene")
     p.add_argument(
-        "--duration-s", type=float, default=10.0, metavar="S", help="measured live time per size"
+        "--duration-s",
+        type=float,
+        default=None,
+        metavar="S",
+        help="measured live time per size (default 10)",
+    )
+    p.add_argument(
+        "--soak",
+        type=soak_duration,
+        default=None,
+        metavar="DURATION",
+        help=(
+            "instead: run live for DURATION (600, 90s, 10m, 1h) at one size with a subscriber "
+            "and a status poll each second; report RSS growth after warm-up, drops, latency "
+            "p50/p99/max and the longest status reply"
+        ),
     )
     p.add_argument(
         "--fps", type=float, default=100.0, help="camera frame rate asked for (default 100)"
@@ -230,9 +255,29 @@ def find_model(model: Path | None, workspace: Path | None) -> Path:
     )
 
 
+def soak_duration(text: str) -> float:
+    """``--soak``'s length in seconds: a number of seconds, or one with a unit s, m or h."""
+    t = text.strip().lower()
+    scale = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(t[-1:], None)
+    try:
+        value = float(t[:-1] if scale is not None else t) * (scale or 1.0)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(
+            f"--soak takes a duration > 0 in seconds or with a unit (90s, 10m, 1h), got {text!r}"
+        )
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
-    if not (math.isfinite(args.duration_s) and args.duration_s > 0):
-        raise ValueError(f"--duration-s must be > 0, got {args.duration_s:g}")
+    if args.soak is not None and args.duration_s is not None:
+        raise ValueError("--soak DURATION is the soak's length: leave out --duration-s")
+    if args.soak is not None and args.sizes is not None and len(args.sizes) != 1:
+        raise ValueError(f"--soak runs one frame size, got --sizes {args.sizes}")
+    duration_s = 10.0 if args.duration_s is None else args.duration_s
+    if not (math.isfinite(duration_s) and duration_s > 0):
+        raise ValueError(f"--duration-s must be > 0, got {duration_s:g}")
     if not (math.isfinite(args.fps) and 0 < args.fps <= 10000):
         raise ValueError(f"--fps must be in (0, 10000], got {args.fps:g}")
     if not 0 <= args.emitters <= 10000:
@@ -246,18 +291,34 @@ def run(args: argparse.Namespace) -> int:
     model = find_model(args.model, args.workspace)
     if not getattr(args, "verbose", 0):
         logging.getLogger("focaltrack").setLevel(logging.WARNING)
-    report = run_bench(
-        model,
-        sizes=args.sizes,
-        n_emitters=args.emitters,
-        duration_s=args.duration_s,
-        fps=args.fps,
-        camera=args.camera,
-        device=args.device,
-        threads=args.threads,
-        passes=args.passes,
-        stream=sys.stdout,
-    )
+    if args.soak is not None:
+        from focaltrack.daemon.soak import run_soak
+
+        report = run_soak(
+            model,
+            size=(args.sizes or [256])[0],
+            n_emitters=args.emitters,
+            duration_s=args.soak,
+            fps=args.fps,
+            camera=args.camera,
+            device=args.device,
+            threads=args.threads,
+            passes=args.passes,
+            stream=sys.stdout,
+        )
+    else:
+        report = run_bench(
+            model,
+            sizes=args.sizes or [256, 512],
+            n_emitters=args.emitters,
+            duration_s=duration_s,
+            fps=args.fps,
+            camera=args.camera,
+            device=args.device,
+            threads=args.threads,
+            passes=args.passes,
+            stream=sys.stdout,
+        )
     if args.json is not None:
         write_text_atomic(args.json, json.dumps(report, indent=2) + "\n")
         print(f"wrote {args.json}")
@@ -267,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
 # =========================================================================== the bench
 
 
-def _device_text(device: str, threads: int) -> str:
+def device_text(device: str, threads: int) -> str:
     import torch
 
     from focaltrack.models.localizer import default_device, default_threads
@@ -300,9 +361,9 @@ def run_bench(
     meta = read_meta(model)
     optics = Optics(aberrations=SIM_ABERRATIONS)
     psf = PSFModel.shared(optics)
-    dev_text = _device_text(device, threads)
+    dev_text = device_text(device, threads)
     period_s = 1.0 / fps
-    say = _sayer(stream)
+    say = sayer(stream)
     say(
         f"focaltrack bench — {n_emitters} emitters flowing at {FLOW_UM_S:g} µm/s, camera "
         f"{fps:g} fps ({'replayed frames' if camera == 'replay' else 'live simulator'}), "
@@ -372,7 +433,7 @@ def run_bench(
     }
 
 
-def _sayer(stream: IO[str]) -> Any:
+def sayer(stream: IO[str]) -> Callable[[str], None]:
     def say(text: str) -> None:
         stream.write(text + "\n")
         stream.flush()
@@ -447,7 +508,85 @@ def _live_run(
     pixel_size_um: float,
     passes: int = 1,
 ) -> dict[str, Any]:
-    from focaltrack.daemon.client import ControlClient, Subscriber
+    from focaltrack.daemon.client import Subscriber
+
+    with bench_service(
+        model,
+        frames,
+        size,
+        n_emitters=n_emitters,
+        period_s=period_s,
+        camera=camera,
+        device=device,
+        threads=threads,
+        passes=passes,
+        pixel_size_um=pixel_size_um,
+    ) as (ep, ctl):
+        sub = Subscriber(ep["pub"], topics=("loc",), rcvhwm=100000)
+        try:
+            time.sleep(0.3)  # the subscription reaches the publisher
+            ctl.call("start", interval_ms=period_s * 1000.0)
+            t_warm = time.monotonic() + WARMUP_S
+            while time.monotonic() < t_warm:
+                _drain(sub)
+                time.sleep(0.05)
+            _drain(sub)
+            s0 = ctl.call("status")
+            t0 = time.monotonic()
+            latency: list[float] = []
+            inference: list[float] = []
+            n_locs: list[int] = []
+            while (left := t0 + duration_s - time.monotonic()) > 0:
+                try:
+                    _, h, _ = sub.recv(timeout_s=left)
+                except TimeoutError:
+                    break
+                latency.append(float(h["t_pub_s"]) - float(h["t_acq_s"]))
+                if h.get("inference_s") is not None:
+                    inference.append(float(h["inference_s"]))
+                n_locs.append(int(h["n"]))
+            s1 = ctl.call("status")
+            measured = time.monotonic() - t0
+            ctl.call("stop")
+        finally:
+            sub.close()
+    d0 = s0.get("frames_dropped_by_reason") or {}
+    d1 = s1.get("frames_dropped_by_reason") or {}
+    acquired = int(s1["frames_acquired"]) - int(s0["frames_acquired"])
+    analysed = int(s1["frames_analysed"]) - int(s0["frames_analysed"])
+    return {
+        "camera_fps": acquired / measured,
+        "analysed_fps": analysed / measured,
+        "dropped_camera": int(d1.get("camera", 0)) - int(d0.get("camera", 0)),
+        "dropped_behind": int(d1.get("analysis_behind", 0)) - int(d0.get("analysis_behind", 0)),
+        "frames_acquired": acquired,
+        "frames_analysed": analysed,
+        "latency_ms_p50": _pct_ms(latency, 50),
+        "latency_ms_p99": _pct_ms(latency, 99),
+        "inference_ms_p50": _pct_ms(inference, 50),
+        "localizations_per_frame": float(np.mean(n_locs)) if n_locs else None,
+        "measured_s": measured,
+    }
+
+
+@contextmanager
+def bench_service(
+    model: Path,
+    frames: np.ndarray,
+    size: int,
+    *,
+    n_emitters: int,
+    period_s: float,
+    camera: str,
+    device: str,
+    threads: int,
+    passes: int,
+    pixel_size_um: float,
+) -> Iterator[tuple[dict[str, str], ControlClient]]:
+    """The service in this process, on a throw-away workspace holding ``model`` (loaded),
+    its camera the replay of ``frames`` or the simulator (``camera="sim"``), every socket on
+    a free port: yields its endpoints and a control client; stops it on the way out."""
+    from focaltrack.daemon.client import ControlClient
     from focaltrack.daemon.config import load_config
     from focaltrack.daemon.microscope import open_service_driver
     from focaltrack.daemon.service import Service
@@ -484,57 +623,14 @@ def _live_run(
             driver = open_service_driver(cfg)
         svc = Service(cfg, driver=driver)
         svc.start()
-        ep = svc.endpoints
-        ctl = ControlClient(ep["control"], timeout_s=30.0, retries=1)
-        sub = Subscriber(ep["pub"], topics=("loc",), rcvhwm=100000)
+        ctl = ControlClient(svc.endpoints["control"], timeout_s=30.0, retries=1)
         try:
             ctl.call("load_model", name="bench")
-            time.sleep(0.3)  # the subscription reaches the publisher
-            ctl.call("start", interval_ms=period_s * 1000.0)
-            t_warm = time.monotonic() + WARMUP_S
-            while time.monotonic() < t_warm:
-                _drain(sub)
-                time.sleep(0.05)
-            _drain(sub)
-            s0 = ctl.call("status")
-            t0 = time.monotonic()
-            latency: list[float] = []
-            inference: list[float] = []
-            n_locs: list[int] = []
-            while (left := t0 + duration_s - time.monotonic()) > 0:
-                try:
-                    _, h, _ = sub.recv(timeout_s=left)
-                except TimeoutError:
-                    break
-                latency.append(float(h["t_pub_s"]) - float(h["t_acq_s"]))
-                if h.get("inference_s") is not None:
-                    inference.append(float(h["inference_s"]))
-                n_locs.append(int(h["n"]))
-            s1 = ctl.call("status")
-            measured = time.monotonic() - t0
-            ctl.call("stop")
+            yield svc.endpoints, ctl
         finally:
-            sub.close()
             ctl.close()
             svc.stop()
             svc.join(30.0)
-    d0 = s0.get("frames_dropped_by_reason") or {}
-    d1 = s1.get("frames_dropped_by_reason") or {}
-    acquired = int(s1["frames_acquired"]) - int(s0["frames_acquired"])
-    analysed = int(s1["frames_analysed"]) - int(s0["frames_analysed"])
-    return {
-        "camera_fps": acquired / measured,
-        "analysed_fps": analysed / measured,
-        "dropped_camera": int(d1.get("camera", 0)) - int(d0.get("camera", 0)),
-        "dropped_behind": int(d1.get("analysis_behind", 0)) - int(d0.get("analysis_behind", 0)),
-        "frames_acquired": acquired,
-        "frames_analysed": analysed,
-        "latency_ms_p50": _pct_ms(latency, 50),
-        "latency_ms_p99": _pct_ms(latency, 99),
-        "inference_ms_p50": _pct_ms(inference, 50),
-        "localizations_per_frame": float(np.mean(n_locs)) if n_locs else None,
-        "measured_s": measured,
-    }
 
 
 def _drain(sub: Any) -> None:
