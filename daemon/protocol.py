@@ -179,7 +179,7 @@ class Arg:
         """The value, normalised (int -> float for numbers), or :class:`ProtocolError`."""
 
         def bad(msg: str) -> ProtocolError:
-            return ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: argument {self.name!r} {msg}")
+            return ProtocolError(ErrorCode.BAD_ARGS, f"{cmd}: argument {_short(self.name)} {msg}")
 
         t = self.type
         if t is ArgType.BOOL:
@@ -197,19 +197,20 @@ class Arg:
         if isinstance(value, bool) or not isinstance(value, int | float):
             kind = "an integer" if t is ArgType.INT else "a number"
             raise bad(f"must be {kind}, got {_short(value)}")
+        got = _short(value)  # as sent: 5 stays 5, not the 5.0 it becomes below
         if t is ArgType.INT:
             if isinstance(value, float):
-                raise bad(f"must be an integer, got {_short(value)}")
+                raise bad(f"must be an integer, got {got}")
         else:
             value = float(value)
             if not math.isfinite(value):
-                raise bad(f"must be finite, got {value}")
+                raise bad(f"must be finite, got {got}")
         if self.minimum is not None and value < self.minimum:
-            raise bad(f"must be ≥ {self.minimum}, got {value}")
+            raise bad(f"must be ≥ {_short(self.minimum)}, got {got}")
         if self.maximum is not None and value > self.maximum:
-            raise bad(f"must be ≤ {self.maximum}, got {value}")
+            raise bad(f"must be ≤ {_short(self.maximum)}, got {got}")
         if self.exclusive_minimum is not None and value <= self.exclusive_minimum:
-            raise bad(f"must be > {self.exclusive_minimum}, got {value}")
+            raise bad(f"must be > {_short(self.exclusive_minimum)}, got {got}")
         return value
 
 
@@ -243,7 +244,7 @@ class Command:
                 out[a.name] = a.check(self.name, args[a.name])
             elif a.required:
                 raise ProtocolError(
-                    ErrorCode.BAD_ARGS, f"{self.name}: missing required argument {a.name!r}"
+                    ErrorCode.BAD_ARGS, f"{self.name}: missing required argument {_short(a.name)}"
                 )
             elif a.default is not None:
                 out[a.name] = a.default
@@ -451,7 +452,13 @@ COMMANDS: dict[str, Command] = {
 
 
 def _short(value: Any, n: int = 60) -> str:
-    text = repr(value)
+    """``value`` as the request spelled it (JSON: ``true``, ``null``, ``"a"``; a client reads
+    these messages next to its own JSON, where Python's ``True`` / ``'a'`` would mislead),
+    cut to ``n`` characters. ``NaN`` / ``Infinity`` as Python's parser accepted them."""
+    try:
+        text = json.dumps(value, ensure_ascii=False, allow_nan=True, default=repr)
+    except (TypeError, ValueError, RecursionError):  # e.g. a circular structure
+        text = repr(value)
     return text if len(text) <= n else text[: n - 3] + "..."
 
 
@@ -625,9 +632,11 @@ def track_header(
 ) -> dict[str, Any]:
     """The tracks alive at a frame: a `Tracks` record or its columns by name
     (``TrackFrame.as_columns()``); ``status`` as codes or values, or, instead of it, a
-    boolean ``confirmed`` column. Columns that are not on the wire are left out."""
+    boolean ``confirmed`` column (a confirmed track with misses is coasting). Columns that
+    are not on the wire are left out."""
     if not isinstance(columns, Tracks) and "status" not in columns and "confirmed" in columns:
-        columns = {**columns, "status": TrackStatus.of_confirmed(columns["confirmed"])}
+        status = TrackStatus.of_confirmed(columns["confirmed"], columns.get("misses"))
+        columns = {**columns, "status": status}
     h: Any = track_message(
         columns, seq=seq, frame=frame, t_acq_s=t_acq_s, stage_z_um=stage_z_um, t_pub_s=t_pub_s
     )

@@ -97,6 +97,30 @@ def test_bad_args(cmd: str, args: dict[str, Any], needle: str) -> None:
     assert not REQUEST_VALIDATOR.is_valid(obj)
 
 
+@pytest.mark.parametrize(
+    ("raw", "wire"),
+    [
+        (b'{"cmd": "calibrate", "args": {"averages": true}}', "must be an integer, got true"),
+        (b'{"cmd": "train", "args": {"load": null}}', '"load" must be true or false, got null'),
+        (b'{"cmd": "train", "args": {"preset": false}}', "got false"),
+        (b'{"cmd": "train", "args": {"preset": "fast"}}', 'got "fast"'),
+        (b'{"cmd": "move_z", "args": {"z_um": 1000000000}}', "got 1000000000"),
+        (b'{"cmd": "move_z", "args": {"z_um": NaN}}', "got NaN"),
+        (b'{"cmd": "load_model"}', 'missing required argument "name"'),
+        (b'{"cmd": "status", "args": {"verbose": true}}', 'unknown argument "verbose"'),
+        (b'{"cmd": "status", "Verbose": true}', 'unknown request field "Verbose"'),
+        (b'{"cmd": "launch"}', 'unknown command "launch"'),
+    ],
+)
+def test_error_messages_spell_values_as_json(raw: bytes, wire: str) -> None:
+    # A client compares these with the JSON it sent: Python's True / None / 'x' would mislead.
+    with pytest.raises(ProtocolError) as ei:
+        P.parse_request(raw)
+    assert wire in ei.value.message
+    for python in ("True", "False", "None", "'"):
+        assert python not in ei.value.message
+
+
 def test_non_finite_number_is_bad_args() -> None:
     assert _code(b'{"cmd": "move_z", "args": {"z_um": NaN}}') is ErrorCode.BAD_ARGS
     assert _code(b'{"cmd": "move_z", "args": {"z_um": Infinity}}') is ErrorCode.BAD_ARGS
