@@ -24,8 +24,8 @@ over their last half: a leak keeps its slope in the last half, a one-off step ea
 **Camera.** ``--camera replay`` (the default) streams frames of the simulated microscope's
 moving scene, rendered beforehand, at exactly ``--fps``; ``--camera sim`` renders them live, at
 whatever rate the simulator manages next to the analysis. The report gives the simulator's
-render time per frame, which is what caps the live one (≈ 21 ms at 256², 20 emitters, on the
-2-core development VM: under 50 fps with a whole core to itself).
+render time per frame, which is what caps the live one: 10–21 ms at 256² with 20 emitters on
+the 2-core development VM, so with the analysis on the same cores it streamed ~24 fps, not 100.
 
 Nothing the soak keeps grows with the run: latencies and reply times go into fixed histograms,
 RSS samples into arrays sized for the run beforehand, so its own bookkeeping does not show up
