@@ -326,11 +326,13 @@ def run_soak(
                     s0 = ctl.call("status")
                     received0, lost0 = dict(sub.received), dict(sub.lost)
                     t_meas0 = time.monotonic()
+                    sample(t_meas0 - t0)  # the baseline of the growth: the warm-up's end
                 if now >= t_end:
                     break
                 if now >= next_rss:
                     sample(now - t0)
-                    next_rss += rss_every_s
+                    # Ticks missed while busy are skipped, not made up in a burst.
+                    next_rss += rss_every_s * (1 + (now - next_rss) // rss_every_s)
                 if now >= next_note:
                     rss_now = f"{rss_b[k - 1] / MIB:.1f} MiB" if k else "-"
                     say(
