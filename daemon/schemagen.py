@@ -2,9 +2,19 @@
 
 ``loc`` and ``track`` come from their records (`focaltrack.records.wire`), ``request`` from
 the command table (`focaltrack.daemon.protocol.COMMANDS`), ``config`` from the service
-configuration; ``event``, ``hb`` and ``reply`` are declared here. The service validates
-against the shipped files (`focaltrack.daemon.protocol.validate`); regenerate them with
+configuration; ``event``, ``hb`` and ``reply`` are declared here. Regenerate the files with
 ``python -m focaltrack.daemon.schemagen --write-schemas`` (a test checks they are current).
+
+Two forms of each schema. The *strict* form (`strict_schemas`) closes every object it
+declares: what the service sends must be exactly what is documented, and
+`focaltrack.daemon.protocol.validate` checks the service's messages with it. The *shipped*
+form of what clients receive (`CLIENT_SIDE`: the published headers and the replies) is the
+strict one opened (`open_for_clients`: no ``additionalProperties: false``), because a
+client validating with the schema it was built against must keep working when a later
+revision of the same ``schema_version`` adds an optional field (docs/protocol.md: "ignore
+fields you do not know"). What the service receives stays closed: ``request.json`` (an
+unknown request field or argument is an error) and ``config.json`` (an unknown key is an
+error).
 """
 
 from __future__ import annotations
@@ -33,7 +43,21 @@ from focaltrack.records.wire import (
     track_schema,
 )
 
-__all__ = ["all_schemas", "reply_schema", "request_schema", "schema_text", "topic_schema"]
+__all__ = [
+    "CLIENT_SIDE",
+    "all_schemas",
+    "open_for_clients",
+    "reply_schema",
+    "request_schema",
+    "schema_text",
+    "strict_schemas",
+    "topic_schema",
+]
+
+#: The shipped schemas of what clients receive, opened for fields a later revision adds.
+#: (``loc.json`` and ``track.json`` are generated closed by `focaltrack.records.wire`, which
+#: their own test compares the shipped files with; they are not opened here.)
+CLIENT_SIDE: frozenset[str] = frozenset({"event.json", "hb.json", "reply.json"})
 
 _ERROR_OBJ = {
     "type": "object",
@@ -158,16 +182,17 @@ def reply_schema() -> dict[str, Any]:
         "$id": SCHEMA_ID + "reply.json",
         "title": "control reply",
         "oneOf": [
+            # Every reply carries "id" (null when the request had none or was unreadable).
             {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["ok", "result"],
+                "required": ["ok", "result", "id"],
                 "properties": {"ok": {"const": True}, "result": {}, "id": rid},
             },
             {
                 "type": "object",
                 "additionalProperties": False,
-                "required": ["ok", "error"],
+                "required": ["ok", "error", "id"],
                 "properties": {"ok": {"const": False}, "error": _ERROR_OBJ, "id": rid},
             },
         ],
@@ -175,8 +200,8 @@ def reply_schema() -> dict[str, Any]:
     }
 
 
-def all_schemas() -> dict[str, dict[str, Any]]:
-    """File name -> schema, as shipped in ``focaltrack/daemon/schemas/``."""
+def strict_schemas() -> dict[str, dict[str, Any]]:
+    """File name -> schema, every declared object closed (what the service must send)."""
     from focaltrack.daemon.config import config_schema
 
     out = {f"{t.value}.json": topic_schema(t) for t in Topic}
@@ -184,6 +209,29 @@ def all_schemas() -> dict[str, dict[str, Any]]:
     out["reply.json"] = reply_schema()
     out["config.json"] = config_schema()
     return out
+
+
+def open_for_clients(schema: Any) -> Any:
+    """``schema`` without ``"additionalProperties": false`` at any depth (a copy): fields
+    it does not declare are allowed, the declared ones are checked as before."""
+    if isinstance(schema, dict):
+        return {
+            k: open_for_clients(v)
+            for k, v in schema.items()
+            if not (k == "additionalProperties" and v is False)
+        }
+    if isinstance(schema, list):
+        return [open_for_clients(v) for v in schema]
+    return schema
+
+
+def all_schemas() -> dict[str, dict[str, Any]]:
+    """File name -> schema, as shipped in ``focaltrack/daemon/schemas/`` (`CLIENT_SIDE`
+    opened, the others strict)."""
+    return {
+        name: open_for_clients(s) if name in CLIENT_SIDE else s
+        for name, s in strict_schemas().items()
+    }
 
 
 def schema_text(schema: Mapping[str, Any]) -> str:

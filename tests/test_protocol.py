@@ -169,6 +169,52 @@ def test_replies_validate() -> None:
     }
 
 
+def test_every_reply_carries_id() -> None:
+    # The service answers every routable request with an "id" (null when there was none or
+    # the request was unreadable), so the shipped reply schema requires it.
+    shipped = jsonschema.Draft202012Validator(P.shipped_schema("reply"))
+    for reply in (P.ok_reply({}), P.error_reply(ErrorCode.BAD_JSON, "m")):
+        assert "id" in reply and reply["id"] is None
+        assert shipped.is_valid(reply)
+        assert not shipped.is_valid({k: v for k, v in reply.items() if k != "id"})
+        with pytest.raises(P.SchemaError):
+            P.validate_reply({k: v for k, v in reply.items() if k != "id"})
+
+
+def _hb() -> dict[str, Any]:
+    return P.hb_header(seq=0, state="idle", frames_acquired=0, frames_analysed=0,
+                       frames_dropped=0, model=None, uptime_s=1.0)  # fmt: skip
+
+
+def test_shipped_client_schemas_accept_fields_a_later_revision_adds() -> None:
+    # docs/protocol.md: fields may be added within a schema_version, clients ignore the
+    # ones they do not know; a client validating with the schema it shipped with must too.
+    job = P.job_info("j1", "train", "running", progress=0.5, message="epoch 3")
+    later = {
+        "hb": dict(_hb(), temperature_c=21.5),
+        "event": dict(P.event_header(seq=0, kind="job", job=dict(job, eta_s=4.0)), host="a"),
+        "reply": dict(P.error_reply(ErrorCode.BUSY, "m", "r1"), retry_after_s=1.0),
+    }
+    later["reply"]["error"]["detail"] = {"holder": "calibrate"}
+    for name, message in later.items():
+        shipped = jsonschema.Draft202012Validator(P.shipped_schema(name))
+        assert shipped.is_valid(message), name
+        # ... while the declared fields are still checked,
+        declared = {"hb": "state", "event": "kind", "reply": "ok"}[name]
+        assert not shipped.is_valid(dict(message, **{declared: "sleeping"}))
+        # ... and the service itself sends nothing undeclared (validate is strict).
+        with pytest.raises(P.SchemaError):
+            if name == "reply":
+                P.validate_reply(message)
+            else:
+                P.validate(name, message)
+    # What the service receives stays closed: an unknown request field is an error.
+    assert not REQUEST_VALIDATOR.is_valid({"cmd": "status", "extra": 1})
+    assert not REQUEST_VALIDATOR.is_valid({"cmd": "status", "args": {"verbose": True}})
+    for name in ("request", "config"):
+        assert '"additionalProperties": false' in json.dumps(P.shipped_schema(name))
+
+
 def test_split_envelope() -> None:
     assert P.split_envelope([b"id", b"{}"]) == ([b"id"], b"{}")
     assert P.split_envelope([b"id", b"", b"{}"]) == ([b"id", b""], b"{}")
