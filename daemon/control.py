@@ -45,9 +45,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("focaltrack.service")
 
-__all__ = ["HEARTBEAT_S", "ControlServer", "Handler"]
+__all__ = ["HEARTBEAT_S", "MAX_MESSAGE_BYTES", "ControlServer", "Handler"]
 
 HEARTBEAT_S = 1.0
+#: The control socket's ZMQ_MAXMSGSIZE: a larger frame disconnects its peer unanswered.
+MAX_MESSAGE_BYTES = 16 << 20
 
 #: A command handler: the request's arguments -> the reply's result.
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
@@ -88,8 +90,10 @@ class ControlServer:
         router = self._router = transport.socket(zmq.ROUTER)
         router.setsockopt(zmq.RCVHWM, 1000)
         # Requests are small (the protocol answers bad_request above 64 KiB); a peer sending
-        # more than 16 MiB in one message is disconnected instead of buffered.
-        router.setsockopt(zmq.MAXMSGSIZE, 16 << 20)
+        # a bigger message than this is disconnected instead of buffered: ZeroMQ drops the
+        # connection before the message is read, so nothing can be answered
+        # (docs/protocol.md says so).
+        router.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         router.setsockopt(zmq.SNDHWM, 1000)
         endpoint = transport.bind(router, port, "control")
         ctx = transport.ctx

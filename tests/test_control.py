@@ -5,17 +5,20 @@ covering every protocol command."""
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+import zmq
+import zmq.utils.monitor
 
 from focaltrack.daemon.client import ControlClient
 from focaltrack.daemon.config import load_config
-from focaltrack.daemon.control import ControlServer, Handler
+from focaltrack.daemon.control import MAX_MESSAGE_BYTES, ControlServer, Handler
 from focaltrack.daemon.metrics import ServiceMetrics
-from focaltrack.daemon.protocol import COMMANDS, ErrorCode, ProtocolError
+from focaltrack.daemon.protocol import COMMANDS, MAX_REQUEST_BYTES, ErrorCode, ProtocolError
 from focaltrack.daemon.transport import Transport
 from focaltrack.daemon.workspace import NotFound
 from focaltrack.drivers.base import DriverError
@@ -121,6 +124,64 @@ def test_inline_command_answered_while_a_slow_one_runs(
         assert slow["ok"] is True and slow["result"] == {"z_um": 3.0}
     finally:
         other.close()
+
+
+@pytest.fixture
+def dealer(wire: tuple[_Wire, threading.Event]) -> Iterator[zmq.Socket[bytes]]:
+    ctx = zmq.Context()
+    d: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+    d.setsockopt(zmq.LINGER, 0)
+    d.connect(wire[0].client.endpoint)
+    try:
+        yield d
+    finally:
+        d.close()
+        ctx.term()
+
+
+def _ask(d: zmq.Socket[bytes], *frames: bytes) -> dict[str, Any]:
+    d.send_multipart([b"", *frames])
+    assert d.poll(30_000), "no reply"
+    empty, body = d.recv_multipart()
+    assert empty == b""
+    reply: dict[str, Any] = json.loads(body)
+    return reply
+
+
+def test_every_reply_has_an_id_even_for_unreadable_requests(dealer: zmq.Socket[bytes]) -> None:
+    assert _ask(dealer, b'{"cmd": "status", "id": "s1"}')["id"] == "s1"
+    assert _ask(dealer, b'{"cmd": "nope", "id": "u1"}')["id"] == "u1"
+    assert _ask(dealer, b'{"cmd": "status"}') == {
+        "ok": True,
+        "result": {"state": "idle"},
+        "id": None,
+    }
+    for frames in ([b"not json"], [b"{}", b"{}"], [b'{"id": 3}'], [b'{"id": "x" "y"}']):
+        reply = _ask(dealer, *frames)
+        assert reply["ok"] is False and "id" in reply and reply["id"] is None, frames
+
+
+def test_requests_too_large(dealer: zmq.Socket[bytes]) -> None:
+    """Up to the socket's 16 MiB limit a large request is read and refused with
+    ``bad_request``; beyond it ZeroMQ drops the connection unread (docs/protocol.md), the
+    client's socket reconnects by itself and the service answers the next request."""
+    pad = b"x" * (MAX_REQUEST_BYTES + 1)
+    reply = _ask(dealer, b'{"cmd": "status", "id": "big", "args": {"x": "' + pad + b'"}}')
+    assert reply["error"]["code"] == ErrorCode.BAD_REQUEST.value and reply["id"] == "big"
+    assert str(MAX_REQUEST_BYTES) in reply["error"]["message"]
+    pad = b"x" * MAX_MESSAGE_BYTES
+    mon = dealer.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+    try:
+        dealer.send_multipart([b"", b'{"cmd": "status", "id": "huge", "args": {"x": "' + pad])
+        assert mon.poll(30_000), "the service kept a connection that sent over 16 MiB"
+        event = zmq.utils.monitor.recv_monitor_message(mon)
+        assert event["event"] == zmq.EVENT_DISCONNECTED
+    finally:
+        dealer.disable_monitor()
+        mon.close()
+    # Reconnected: answered, and nothing came for the huge request.
+    assert _ask(dealer, b'{"cmd": "status", "id": "after"}')["id"] == "after"
+    assert not dealer.poll(0)
 
 
 def test_service_handler_table_covers_every_command(tmp_path: Any) -> None:
