@@ -26,7 +26,7 @@ class Track:
     xyz_um: np.ndarray  # (3,)
     velocity_um_s: np.ndarray  # (3,); zeros under the random-walk model
     cov_xyz_um2: np.ndarray  # (3, 3) position covariance
-    status: TrackStatus
+    status: TrackStatus  # coasting: confirmed, but no localization this frame
     age_frames: int  # frames since birth, the birth frame counting as 1
     hits: int  # frames with an assigned localization
     misses: int  # consecutive frames without one (0 when updated this frame)
@@ -54,7 +54,15 @@ class TrackFrame:
 
     @property
     def confirmed(self) -> np.ndarray:
-        return self.status == TrackStatus.CONFIRMED.code
+        """Rows of confirmed tracks, coasting ones included (a client steers on status
+        confirmed only: `TrackStatus`)."""
+        return TrackStatus.is_confirmed(self.status)
+
+    @property
+    def coasting(self) -> np.ndarray:
+        """Rows of confirmed tracks without a localization this frame (position predicted)."""
+        ok: np.ndarray = self.status == TrackStatus.COASTING.code
+        return ok
 
     def record(self, frame: int = -1) -> Tracks:
         """These tracks as the `Tracks` record, at camera frame ``frame``."""
@@ -155,7 +163,15 @@ class TrackTable:
 
     @property
     def confirmed(self) -> np.ndarray:
-        return self.status == TrackStatus.CONFIRMED.code
+        """Rows of confirmed tracks, coasting ones included (a client steers on status
+        confirmed only: `TrackStatus`)."""
+        return TrackStatus.is_confirmed(self.status)
+
+    @property
+    def coasting(self) -> np.ndarray:
+        """Rows of confirmed tracks without a localization this frame (position predicted)."""
+        ok: np.ndarray = self.status == TrackStatus.COASTING.code
+        return ok
 
     def record(self) -> Tracks:
         return _record(

@@ -465,7 +465,7 @@ class KalmanTracker:
         else:
             vel = np.zeros_like(xyz)
         cov = p[:, :3, :3]
-        status = TrackStatus.of_confirmed(st.confirmed)
+        status = TrackStatus.of_confirmed(st.confirmed, st.misses)
         cols = [xyz, vel, cov, st.id, status, st.age, st.hits, st.misses, loc_index]
         cols = [np.array(a, copy=True) for a in cols]  # detached from the live state
         for a in cols:

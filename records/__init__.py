@@ -18,10 +18,18 @@ from focaltrack.records.columns import (
 from focaltrack.records.frames import FrameMeta
 from focaltrack.records.localizations import Localizations
 from focaltrack.records.tracks import STATUS_CODES, Tracks, TrackStatus
-from focaltrack.records.wire import WIRE_SCHEMA_VERSION, LocHeader, TrackHeader
+from focaltrack.records.wire import (
+    SCHEMA_VERSIONS,
+    TRACK_SCHEMA_VERSION,
+    WIRE_SCHEMA_VERSION,
+    LocHeader,
+    TrackHeader,
+)
 
 __all__ = [
+    "SCHEMA_VERSIONS",
     "STATUS_CODES",
+    "TRACK_SCHEMA_VERSION",
     "WIRE_SCHEMA_VERSION",
     "Column",
     "FrameMeta",

@@ -15,11 +15,19 @@ __all__ = ["STATUS_CODES", "TrackStatus", "Tracks"]
 
 
 class TrackStatus(str, Enum):
-    """A track's lifecycle state. Stored as its `code` (the HDF5 enum), sent and written in
-    CSV as its value."""
+    """A track's lifecycle state after a frame. Stored as its `code` (the HDF5 enum), sent and
+    written in CSV as its value.
+
+    A confirmed track that found no localization in this frame is ``coasting``: its position
+    is the filter's prediction, not a measurement. What a controller steers on is
+    ``confirmed`` only; ``coasting`` says the track is still alive (and may resume as
+    ``confirmed``) until its ``max_misses``-th consecutive miss or until its prediction
+    leaves the field of view.
+    """
 
     TENTATIVE = "tentative"
     CONFIRMED = "confirmed"
+    COASTING = "coasting"
 
     @property
     def code(self) -> int:
@@ -30,14 +38,26 @@ class TrackStatus(str, Enum):
         return _BY_CODE[int(code)]
 
     @classmethod
-    def of_confirmed(cls, confirmed: np.ndarray) -> np.ndarray:
-        """Status codes of a boolean "is confirmed" mask."""
-        return np.where(np.asarray(confirmed, dtype=bool), _CODES[cls.CONFIRMED], 0).astype(
-            np.uint8
-        )
+    def of_confirmed(cls, confirmed: np.ndarray, misses: np.ndarray | None = None) -> np.ndarray:
+        """Status codes of a boolean "is confirmed" mask; with ``misses`` (consecutive
+        misses now), a confirmed track with a miss is coasting."""
+        conf = np.asarray(confirmed, dtype=bool)
+        codes = np.where(conf, _CODES[cls.CONFIRMED], _CODES[cls.TENTATIVE])
+        if misses is not None:
+            coasting = conf & (np.asarray(misses).reshape(conf.shape) > 0)
+            codes = np.where(coasting, _CODES[cls.COASTING], codes)
+        return codes.astype(np.uint8)
+
+    @classmethod
+    def is_confirmed(cls, codes: np.ndarray) -> np.ndarray:
+        """Which rows are confirmed tracks, coasting or not (status codes in)."""
+        c = np.asarray(codes)
+        ok: np.ndarray = (c == _CODES[cls.CONFIRMED]) | (c == _CODES[cls.COASTING])
+        return ok
 
 
-_CODES = {TrackStatus.TENTATIVE: 0, TrackStatus.CONFIRMED: 1}
+# Codes are stored in files: never renumber, only add.
+_CODES = {TrackStatus.TENTATIVE: 0, TrackStatus.CONFIRMED: 1, TrackStatus.COASTING: 2}
 _BY_CODE = {c: s for s, c in _CODES.items()}
 #: Value → code: the HDF5 enum of the ``status`` datasets (recordings and track files).
 STATUS_CODES: dict[str, int] = {s.value: c for s, c in _CODES.items()}
@@ -72,7 +92,13 @@ class Tracks:
     sigma_x_um: np.ndarray = column("f8", "µm", "position standard deviation x")
     sigma_y_um: np.ndarray = column("f8", "µm", "position standard deviation y")
     sigma_z_um: np.ndarray = column("f8", "µm", "position standard deviation z")
-    status: np.ndarray = column("u1", "", "tentative or confirmed", enum=TrackStatus)
+    status: np.ndarray = column(
+        "u1",
+        "",
+        "tentative, confirmed (updated this frame) or coasting (confirmed, missed this frame: "
+        "predicted)",
+        enum=TrackStatus,
+    )
     age_frames: np.ndarray = column("i8", "", "frames since birth, the birth frame counting 1")
     misses: np.ndarray = column("i8", "", "consecutive frames without a localization")
     hits: np.ndarray = column(
@@ -87,7 +113,13 @@ class Tracks:
 
     @property
     def confirmed(self) -> np.ndarray:
-        ok: np.ndarray = self.status == TrackStatus.CONFIRMED.code
+        """Rows of confirmed tracks, coasting ones included (steer on ``status`` confirmed)."""
+        return TrackStatus.is_confirmed(self.status)
+
+    @property
+    def coasting(self) -> np.ndarray:
+        """Rows of confirmed tracks that missed this frame (their position is predicted)."""
+        ok: np.ndarray = self.status == TrackStatus.COASTING.code
         return ok
 
     def columns(self) -> dict[str, np.ndarray]:

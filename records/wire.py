@@ -1,11 +1,12 @@
 """The wire form of the records: the ``loc`` and ``track`` PUB headers and their JSON Schemas.
 
-Every published header starts with the envelope (``schema_version``, ``topic``, ``seq``,
-``t_pub_s``); ``loc`` and ``track`` then carry the frame (``frame``, ``t_acq_s``,
-``stage_z_um``), ``n`` and one JSON array per wire column of their record
-(`focaltrack.records.columns.Column.wire`): floats as numbers (a non-finite value as null,
-JSON has no NaN), ints as integers, enums as their values. `LocHeader` and `TrackHeader` are
-the typed form of those headers (a test checks them against the generated schemas).
+Every published header starts with the envelope (``schema_version``, the topic's version in
+`SCHEMA_VERSIONS`; ``topic``, ``seq``, ``t_pub_s``); ``loc`` and ``track`` then carry the
+frame (``frame``, ``t_acq_s``, ``stage_z_um``), ``n`` and one JSON array per wire column of
+their record (`focaltrack.records.columns.Column.wire`): floats as numbers (a non-finite
+value as null, JSON has no NaN), ints as integers, enums as their values. `LocHeader` and
+`TrackHeader` are the typed form of those headers (a test checks them against the generated
+schemas).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from focaltrack.records.localizations import Localizations
 from focaltrack.records.tracks import Tracks
 
 __all__ = [
+    "SCHEMA_VERSIONS",
+    "TRACK_SCHEMA_VERSION",
     "WIRE_SCHEMA_VERSION",
     "LocHeader",
     "TrackHeader",
@@ -32,8 +35,21 @@ __all__ = [
     "track_schema",
 ]
 
-#: Version of every published header; raised only when a field changes meaning or goes.
+#: Version of the ``loc``, ``event`` and ``hb`` headers. A topic's version is raised only
+#: when a field of its header changes meaning or goes (docs/protocol.md), so the topics'
+#: versions differ.
 WIRE_SCHEMA_VERSION = 1
+#: Version of the ``track`` header. 2: ``status`` gained ``"coasting"`` (a confirmed track
+#: that missed this frame, sent as ``"confirmed"`` in version 1), so ``"confirmed"`` now
+#: means "confirmed and updated by this frame's localization".
+TRACK_SCHEMA_VERSION = 2
+#: Each topic's header version.
+SCHEMA_VERSIONS: dict[str, int] = {
+    "loc": WIRE_SCHEMA_VERSION,
+    "track": TRACK_SCHEMA_VERSION,
+    "event": WIRE_SCHEMA_VERSION,
+    "hb": WIRE_SCHEMA_VERSION,
+}
 
 
 # The optional keys go in a total=False subclass: with postponed annotations Python cannot
@@ -61,7 +77,7 @@ class LocHeader(_LocRequired, total=False):
 
 
 class _TrackRequired(TypedDict):
-    schema_version: Literal[1]
+    schema_version: Literal[2]
     topic: Literal["track"]
     seq: int
     t_pub_s: float
@@ -79,13 +95,13 @@ class _TrackRequired(TypedDict):
     sigma_x_um: list[float | None]
     sigma_y_um: list[float | None]
     sigma_z_um: list[float | None]
-    status: list[Literal["tentative", "confirmed"]]
+    status: list[Literal["tentative", "confirmed", "coasting"]]
     age_frames: list[int]
     misses: list[int]
 
 
 class TrackHeader(_TrackRequired, total=False):
-    """``track``: the tracks alive at one frame, version 1."""
+    """``track``: the tracks alive at one frame, version 2."""
 
     hits: list[int]
 
@@ -94,9 +110,9 @@ class TrackHeader(_TrackRequired, total=False):
 
 
 def envelope(topic: str, seq: int, t_pub_s: float | None) -> dict[str, Any]:
-    """The fields every published header starts with."""
+    """The fields every published header starts with (``schema_version``: the topic's)."""
     return {
-        "schema_version": WIRE_SCHEMA_VERSION,
+        "schema_version": SCHEMA_VERSIONS.get(topic, WIRE_SCHEMA_VERSION),
         "topic": topic,
         "seq": int(seq),
         "t_pub_s": time.time() if t_pub_s is None else float(t_pub_s),
@@ -213,7 +229,7 @@ _FRAME_PROPS: dict[str, Any] = {
 
 def envelope_props(topic: str) -> dict[str, Any]:
     return {
-        "schema_version": {"const": WIRE_SCHEMA_VERSION},
+        "schema_version": {"const": SCHEMA_VERSIONS.get(topic, WIRE_SCHEMA_VERSION)},
         "topic": {"const": topic},
         "seq": {"type": "integer", "minimum": 0, "description": "per-topic counter from 0"},
         "t_pub_s": {"type": "number", "description": "publish time, UNIX epoch s"},

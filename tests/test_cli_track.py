@@ -50,12 +50,13 @@ def test_track_csv_with_fps(tmp_path, capsys):
     need = "frame,track_id,x_um,y_um,z_um,vx_um_s,vy_um_s,vz_um_s,status".split(",")
     assert all(c in rows[0] for c in need)
     assert {r["track_id"] for r in rows} == {"1", "2", "3"}
-    assert {r["status"] for r in rows} == {"tentative", "confirmed"}
+    assert {r["status"] for r in rows} == {"tentative", "confirmed", "coasting"}
     assert len(rows) == 3 * 40  # frame 20 has no localizations: the tracks coast through it
     gap = [r for r in rows if r["frame"] == "20"]
     assert [r["misses"] for r in gap] == ["1"] * 3 and {r["localization_row"] for r in gap} == {
         "-1"
     }
+    assert {r["status"] for r in gap} == {"coasting"}
     last = [r for r in rows if r["frame"] == "39"]
     assert all(abs(float(r["vx_um_s"]) - 75.0) < 25.0 for r in last)
     assert float(rows[-1]["t_s"]) == pytest.approx(0.39)
@@ -89,7 +90,11 @@ def test_track_rejects_and_counts_non_finite_rows(tmp_path, capsys):
         assert set(np.unique(g["track_id"][()]).tolist()) == {1, 2, 3}
         assert g["cov_xyz_um2"].shape == (len(g["frame"]), 3, 3)
         assert g["x_um"].attrs["units"] == "um"
-        assert h5py.check_enum_dtype(g["status"].dtype) == {"tentative": 0, "confirmed": 1}
+        assert h5py.check_enum_dtype(g["status"].dtype) == {
+            "tentative": 0,
+            "confirmed": 1,
+            "coasting": 2,
+        }
         assert np.all(np.isfinite(g["x_um"][()]))
 
 

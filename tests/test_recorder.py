@@ -101,7 +101,7 @@ def test_layout_and_clean_close(tmp_path):
         np.testing.assert_array_equal(loc_frame, [1, 2, 2, 4, 5, 5, 7, 8, 8])
         np.testing.assert_allclose(f["localizations/x_um"][:3], [1.0, 2.0, 3.0])
         st = f["tracks/status"]
-        assert h5py.check_enum_dtype(st.dtype) == {"tentative": 0, "confirmed": 1}
+        assert h5py.check_enum_dtype(st.dtype) == {"tentative": 0, "confirmed": 1, "coasting": 2}
         np.testing.assert_array_equal(st[:4], [1, 0, 1, 0])
         np.testing.assert_array_equal(f["tracks/track_id"][:4], [100, 101, 100, 101])
         np.testing.assert_array_equal(f["tracks/frame"][:4], [0, 0, 1, 1])

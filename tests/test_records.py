@@ -53,14 +53,15 @@ def _locs(frame: int = 7, n: int = 4) -> Localizations:
 
 
 def _tracks(frames: int = 6) -> Tracks:
-    """The record of a real tracker after a few frames (both statuses present)."""
+    """The record of a real tracker after a few frames (every status present)."""
     tracker = KalmanTracker(TrackerConfig(confirm_hits=3, confirm_window=5))
     rng = np.random.default_rng(3)
     start = rng.uniform(0, 40, (3, 3))
     for k in range(frames):
         xyz = start + 0.5 * k
         if k == frames - 1:
-            xyz = np.vstack([xyz, [[90.0, 90.0, 0.0]]])  # a newborn, tentative
+            # the first emitter is missed (its track coasts); a newborn, tentative
+            xyz = np.vstack([xyz[1:], [[90.0, 90.0, 0.0]]])
         out = tracker.update_frame(xyz, 0.01 * k)
     return out.record(frame=frames - 1)
 
@@ -81,9 +82,15 @@ def test_every_field_is_declared_with_dtype_and_unit_in_its_name(record: type) -
 
 
 def test_one_status_map() -> None:
-    assert STATUS_CODES == {"tentative": 0, "confirmed": 1}
+    # Files hold the codes: existing ones never change. The wire and CSV encoders write
+    # member i for code i, so the codes are the declaration order.
+    assert STATUS_CODES == {"tentative": 0, "confirmed": 1, "coasting": 2}
     assert [TrackStatus.of_code(c) for c in STATUS_CODES.values()] == list(TrackStatus)
+    assert [s.code for s in TrackStatus] == list(range(len(TrackStatus)))
     assert TrackStatus.of_confirmed(np.array([True, False])).tolist() == [1, 0]
+    conf, misses = np.array([True, True, False, False]), np.array([0, 2, 0, 1])
+    assert TrackStatus.of_confirmed(conf, misses).tolist() == [1, 2, 0, 0]
+    assert TrackStatus.is_confirmed(np.array([0, 1, 2])).tolist() == [False, True, True]
 
 
 # ----------------------------------------------------------------------------- wire
@@ -117,8 +124,19 @@ def test_wire_typeddict_schema_and_record_agree(record: type, header: Any, schem
     # and nothing else in the header is an array
     arrays = {k for k, v in s["properties"].items() if v.get("type") == "array"}
     assert arrays == {c.name for c in on_wire}
-    assert hints["schema_version"] == typing.Literal[W.WIRE_SCHEMA_VERSION]
-    assert s["properties"]["schema_version"] == {"const": P.SCHEMA_VERSION}
+    version = W.SCHEMA_VERSIONS[s["properties"]["topic"]["const"]]
+    assert hints["schema_version"] == typing.Literal[version]
+    assert s["properties"]["schema_version"] == {"const": version}
+
+
+def test_each_topic_has_its_own_schema_version() -> None:
+    """Only the track header changed (status gained coasting): only its version moved."""
+    assert W.SCHEMA_VERSIONS == {"loc": 1, "track": 2, "event": 1, "hb": 1}
+    assert W.TRACK_SCHEMA_VERSION == 2 and W.WIRE_SCHEMA_VERSION == P.SCHEMA_VERSION == 1
+    for topic, version in W.SCHEMA_VERSIONS.items():
+        assert schemagen.topic_schema(topic)["properties"]["schema_version"] == {"const": version}
+        assert W.envelope(topic, 0, 1.0)["schema_version"] == version
+    assert P.event_header(seq=0, kind="state", state="idle")["schema_version"] == 1
 
 
 def test_loc_header_from_the_record_validates_and_round_trips() -> None:
@@ -143,9 +161,13 @@ def test_loc_header_from_the_record_validates_and_round_trips() -> None:
 
 def test_track_header_from_the_record_validates_and_round_trips() -> None:
     tracks = _tracks()
-    assert set(tracks.status.tolist()) == {0, 1}
+    assert set(tracks.status.tolist()) == {0, 1, 2}
     h = W.track_message(tracks, seq=0, frame=5, t_acq_s=1.0, stage_z_um=None, t_pub_s=2.0)
     P.validate("track", h)
+    # the track that missed this frame is coasting, on the wire by name, with its misses
+    coasting = [i for i, s in enumerate(h["status"]) if s == "coasting"]
+    assert len(coasting) == 1 and h["misses"][coasting[0]] == 1
+    assert h["schema_version"] == W.TRACK_SCHEMA_VERSION == 2
     _, back, _ = P.decode_message(P.encode_message(h))
     assert back == h and back["n"] == len(tracks)
     for c in columns_of(Tracks):
@@ -227,6 +249,28 @@ def test_csv_headers_are_the_records_csv_columns(tmp_path: Path) -> None:
     track_cmd.write_tracks(table, tmp_path / "t.h5", TrackerConfig())
     with h5py.File(tmp_path / "t.h5", "r") as f:
         assert set(f["tracks"]) == {*csv_columns(Tracks), "cov_xyz_um2"}
+
+
+def test_coasting_rows_keep_their_status_in_the_track_files(tmp_path: Path) -> None:
+    frames, xyz = [], []
+    for k in range(8):
+        for e in range(2):
+            if (k, e) != (5, 1):  # the second emitter is missed in frame 5
+                frames.append(k)
+                xyz.append([10.0 + 0.5 * k, 20.0 * e, 0.0])
+    table = link_table(np.array(frames), np.array(xyz), fps=100.0)
+    coasting = table.coasting
+    assert coasting.sum() == 1 and table.frame[coasting].tolist() == [5]
+    assert table.confirmed[coasting].all()  # a coasting track is a confirmed one
+    track_cmd.write_tracks(table, tmp_path / "t.csv", TrackerConfig())
+    with (tmp_path / "t.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["status"] for r in rows] == [TrackStatus.of_code(c).value for c in table.status]
+    assert [r["misses"] for r in rows if r["status"] == "coasting"] == ["1"]
+    track_cmd.write_tracks(table, tmp_path / "t.h5", TrackerConfig())
+    with h5py.File(tmp_path / "t.h5", "r") as f:
+        assert h5py.check_enum_dtype(f["tracks/status"].dtype) == STATUS_CODES
+        assert f["tracks/status"][()].tolist() == table.status.tolist()
 
 
 def test_every_format_keeps_its_historical_names() -> None:
