@@ -8,6 +8,10 @@ The tracker works in absolute depth (``defocus_to_depth``: z_abs = stage z − d
 a focus move is not seen as motion of every emitter; the tracks come back as defocus at the
 frame's focus (``tracks_at_focus``), like the localizations. A frame whose stage position is
 unknown (NaN: a TIFF) is tracked in defocus as it is.
+
+A tracker without a field of view takes the first analysed frame's (its width and height ×
+the localizer's pixel size), so that live tracks end where they leave the camera's view;
+offline, ``focaltrack track`` gives the tracker a recording's field itself.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class FrameAnalyser:
         tracks alive after it, z as defocus at this frame's focus."""
         if self.localizer is None:
             raise ValueError("this analyser has no localizer; use track_only")
+        if self.tracker.field_um is None:
+            px = self.localizer.pixel_size_um
+            h, w = pixels.shape[-2:]
+            self.tracker.field_um = (w * px, h * px)
         t0 = time.perf_counter()
         locs = self.localizer.localize(pixels, frame_index=frame)
         self.last_inference_s = time.perf_counter() - t0

@@ -126,7 +126,9 @@ class UpdateStats:
     n_dropped: int = 0  # over max_localizations_per_frame
     n_assigned: int = 0
     n_births: int = 0
-    n_deleted: int = 0
+    n_deleted: int = 0  # tracks ended this frame, those that left the field included
+    n_left_field: int = 0  # tracks whose prediction left the field (plus margin)
+    n_speed_refused: int = 0  # gated pairs refused for a velocity above max_speed_um_s
     n_solver_pairs: int = 0  # pairs that went through linear_sum_assignment
     extra: dict[str, float] = field(default_factory=dict)
 
@@ -134,11 +136,20 @@ class UpdateStats:
 class KalmanTracker:
     """Frame-by-frame multi-target tracker; see the module docstring for the algorithm."""
 
-    def __init__(self, config: TrackerConfig | None = None) -> None:
+    def __init__(
+        self, config: TrackerConfig | None = None, *, field_um: tuple[float, float] | None = None
+    ) -> None:
         self.config = config or TrackerConfig()
         c = self.config
         self._r = c.measurement_noise_um2()
         self._gate = c.gate_d2
+        # Only the constant-velocity state has a velocity to bound.
+        cv = c.motion is MotionModel.CONSTANT_VELOCITY
+        self._max_speed2 = c.max_speed_um_s**2 if cv and c.max_speed_um_s > 0 else math.inf
+        self._field_lo: np.ndarray | None = None
+        self._field_hi: np.ndarray | None = None
+        self._field_um: tuple[float, float] | None = None
+        self.field_um = field_um
         self._p0 = c.initial_covariance()
         self._state = _State.empty(c.dim_x)
         self._next_id = 1
@@ -150,9 +161,32 @@ class KalmanTracker:
         #: Localizations dropped over ``max_localizations_per_frame``, all frames so far.
         self.dropped_count = 0
         self.frame_count = 0
+        #: Tracks ended because their prediction left the field (plus the margin), all frames.
+        self.left_field_count = 0
         self.last_stats = UpdateStats()
 
     # ------------------------------------------------------------------ public API
+    @property
+    def field_um(self) -> tuple[float, float] | None:
+        """The field of view as (width, height) in µm: x from 0 to width, y from 0 to height,
+        the coordinates of the localizations (a camera frame: its columns and rows × the pixel
+        size). A track whose predicted x or y lies more than ``field_margin_um`` outside it
+        ends. None (the default): no bounds."""
+        return self._field_um
+
+    @field_um.setter
+    def field_um(self, value: tuple[float, float] | None) -> None:
+        if value is None:
+            self._field_um = self._field_lo = self._field_hi = None
+            return
+        w, h = (float(v) for v in value)
+        if not all(math.isfinite(v) and v > 0 for v in (w, h)):
+            raise ValueError(f"field_um must be two positive numbers (width, height), got {value}")
+        m = self.config.field_margin_um
+        self._field_um = (w, h)
+        self._field_lo = np.array([-m, -m])
+        self._field_hi = np.array([w + m, h + m])
+
     @property
     def t_s(self) -> float | None:
         """Time of the last frame, or None before the first."""
@@ -191,13 +225,22 @@ class KalmanTracker:
             f, ft, q = self._transition(dt)
             st.x = st.x @ ft
             st.p = f @ st.p @ ft + q
+        if self._field_lo is not None and self._field_hi is not None and len(st.id):
+            # A track predicted outside the field cannot be seen again there: end it now
+            # rather than let it coast (and be published) out where nothing is measured.
+            xy = st.x[:, :2]
+            out = np.any((xy < self._field_lo) | (xy > self._field_hi), axis=1)
+            if out.any():
+                st = self._state = st.take(~out)
+                stats.n_left_field = int(out.sum())
+                self.left_field_count += stats.n_left_field
         n_t = len(st.id)
 
         # 2.-3. gate and assign
         track_of = np.full(len(z), -1, dtype=np.int64)  # localization -> track row
         sinv = _inv_sym3(st.p[:, :3, :3] + self._r)
         if n_t and len(z):
-            rows, cols, d2 = self._gate_pairs(st, z, sinv)
+            rows, cols, d2 = self._gate_pairs(st, z, sinv, stats)
             conf = st.confirmed[rows]
             r1, c1 = self._assign(rows[conf], cols[conf], d2[conf], stats)
             track_of[c1] = r1
@@ -231,7 +274,7 @@ class KalmanTracker:
             keep = ~dead
             st = st.take(keep)
             loc_index = loc_index[keep]
-        stats.n_deleted = int(dead.sum())
+        stats.n_deleted = int(dead.sum()) + stats.n_left_field
 
         births = np.flatnonzero(track_of < 0)
         room = max(0, min(c.max_births_per_frame, c.max_tracks - len(st.id)))
@@ -362,9 +405,10 @@ class KalmanTracker:
         return z[idx], idx, stats
 
     def _gate_pairs(
-        self, st: _State, z: np.ndarray, sinv: np.ndarray
+        self, st: _State, z: np.ndarray, sinv: np.ndarray, stats: UpdateStats
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(track row, localization, d²) for every pair inside the gate.
+        """(track row, localization, d²) for every pair inside the gate whose update would
+        leave the track's speed at most ``max_speed_um_s``.
 
         Pre-gate on one lateral axis: inside the gate ``|y_a| ≤ √(gate · S_aa)`` for every
         axis a, so sorting the localizations along x (or y) and cutting a window per track
@@ -392,7 +436,20 @@ class KalmanTracker:
         si = sinv[rows]
         d2 = np.einsum("ka,kab,kb->k", y, si, y)
         keep = d2 <= self._gate
-        return rows[keep], cols[keep], d2[keep]
+        rows, cols, d2 = rows[keep], cols[keep], d2[keep]
+        if self._max_speed2 < math.inf and len(rows):
+            # The velocity this pair's update would give (x' = x + K y, K = P Hᵀ S⁻¹, as
+            # `_kf_update`). The position gate alone admits any speed the velocity
+            # uncertainty allows: a new track's (init_velocity_std_um_s per axis), or a
+            # coasting track's, whose covariance grows every missed frame; one wrong
+            # association then gives it a velocity no emitter has, and it coasts away on it.
+            y = y[keep]
+            kv = st.p[rows, 3:6, :3] @ si[keep]
+            v = st.x[rows, 3:6] + np.einsum("kab,kb->ka", kv, y)
+            ok = np.einsum("ka,ka->k", v, v) <= self._max_speed2
+            stats.n_speed_refused = int(len(ok) - ok.sum())
+            rows, cols, d2 = rows[ok], cols[ok], d2[ok]
+        return rows, cols, d2
 
     def _assign(
         self, rows: np.ndarray, cols: np.ndarray, d2: np.ndarray, stats: UpdateStats

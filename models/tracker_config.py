@@ -97,11 +97,21 @@ class TrackerConfig:
     gate_probability: float = _param(
         0.9999, "probability that a true localization falls inside its track's gate (χ², 3 dof)"
     )
+    max_speed_um_s: float = _param(
+        200.0,
+        "constant velocity: fastest plausible emitter speed (3D), µm/s; a localization that "
+        "would update a track to a faster velocity is not assigned to it; 0 = no limit",
+    )
     confirm_hits: int = _param(3, "M: hits that confirm a tentative track ...")
     confirm_window: int = _param(
         5, "N: ... within its first N frames; a tentative track that cannot get there is deleted"
     )
     max_misses: int = _param(5, "K: consecutive misses that delete a confirmed track")
+    field_margin_um: float = _param(
+        10.0,
+        "a track whose predicted position is further than this outside the field of view "
+        "(the camera's frame) ends, µm",
+    )
     max_localizations_per_frame: int = _param(
         10_000, "localizations used per frame at most (highest scores first)"
     )
@@ -127,6 +137,8 @@ class TrackerConfig:
         for name, value in {
             "accel_um_s2": self.accel_um_s2,
             "diffusion_um2_s": self.diffusion_um2_s,
+            "max_speed_um_s": self.max_speed_um_s,
+            "field_margin_um": self.field_margin_um,
         }.items():
             if not (math.isfinite(value) and value >= 0):
                 raise TrackerConfigError(

@@ -82,6 +82,8 @@ def simulate(name: str, frames: int, fps: float, seed: int) -> tuple[TruthPoints
         "velocity_um_s": scene.velocity_um_s.tolist() if scene.motion is Motion.FLOW else None,
         "entered": int(scene.entered_total),
         "left": int(scene.left_total),
+        # The camera's view of the scene (x, y from 0): emitters leave it, as live.
+        "field_um": [float(kw["field_um"][0]), float(kw["field_um"][1])],
     }
     return truth, info
 

@@ -29,6 +29,10 @@ from focaltrack.records import Localizations
 class _ScriptedLocalizer:
     """A localizer that returns prepared localizations (one `Localizations` per frame)."""
 
+    # The analyser gives the tracker the field of view (frame size × pixel size): with the
+    # 4 × 4 px frames below, 40 × 40 µm holds the scene.
+    pixel_size_um = 10.0
+
     def __init__(self, per_frame: list[Localizations]) -> None:
         self.per_frame = per_frame
 

@@ -72,6 +72,19 @@ def _noise_pair(text: str) -> tuple[float, float]:
     return vals[0], vals[1]
 
 
+def _field_pair(text: str) -> tuple[float, float]:
+    parts = text.split(",")
+    try:
+        vals = tuple(float(p) for p in parts)
+    except ValueError:
+        vals = ()
+    if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
+        raise argparse.ArgumentTypeError(
+            f"expected WIDTH_UM,HEIGHT_UM (two positive numbers), got {text!r}"
+        )
+    return vals[0], vals[1]
+
+
 def _motion(text: str) -> str:
     try:
         return _MOTION_ALIASES[text.strip().lower()]
@@ -194,6 +207,15 @@ def register(sub: Any) -> None:
         action="store_true",
         help="write only tracks that were confirmed at some point (their tentative start too)",
     )
+    p.add_argument(
+        "--field-um",
+        type=_field_pair,
+        default=None,
+        metavar="WIDTH_UM,HEIGHT_UM",
+        help="field of view (x from 0 to WIDTH_UM, y from 0 to HEIGHT_UM): a track predicted "
+        "further than --field-margin-um outside it ends; default: a recording's camera frame, "
+        "none for a CSV",
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     add_tracker_arguments(p)
     p.set_defaults(func=run)
@@ -210,6 +232,9 @@ class LocalizationTable:
     #: A recording's analysed frames as ``(frames, t_s, stage_z_um)``: exactly the frames
     #: the live service tracked, with their times and focus (see `read_recording`).
     frame_meta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    #: The camera's field of view (width, height) in µm, where the input states it (a
+    #: recording: ``frame_shape`` × ``pixel_size_um``): the live tracker's field.
+    field_um: tuple[float, float] | None = None
 
 
 def read_recording(path: Path) -> LocalizationTable:
@@ -236,6 +261,7 @@ def read_recording(path: Path) -> LocalizationTable:
         idx = np.asarray(m["index"][()], dtype=np.int64)
         t = np.asarray(m["t_acq_s"][()], dtype=np.float64)
         z = np.asarray(m["stage_z_um"][()], dtype=np.float64)
+        field = _recording_field(f.attrs)
     keep = np.isin(idx, np.union1d(frame, tracked))
     return LocalizationTable(
         frame=frame,
@@ -243,7 +269,21 @@ def read_recording(path: Path) -> LocalizationTable:
         t_s=None,
         score=score,
         frame_meta=(idx[keep], t[keep], z[keep]),
+        field_um=field,
     )
+
+
+def _recording_field(attrs: Any) -> tuple[float, float] | None:
+    """The camera's field (width, height) in µm from a recording's ``frame_shape`` (H, W)
+    and ``pixel_size_um``, as the live analysis gave its tracker; None if either is absent."""
+    try:
+        h, w = (int(v) for v in attrs["frame_shape"])
+        px = float(attrs["pixel_size_um"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if not (h > 0 and w > 0 and math.isfinite(px) and px > 0):
+        return None
+    return w * px, h * px
 
 
 def read_localizations(path: Path) -> LocalizationTable:
@@ -385,7 +425,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.input}: no t_s column; give the frame rate with --fps")
     if locs.t_s is not None and args.fps is not None:
         log.info("using the t_s column for frame times; --fps is ignored")
-    tracker = KalmanTracker(config)
+    field = args.field_um if args.field_um is not None else locs.field_um
+    if field is None:
+        log.info("no field of view (--field-um): tracks are not ended at its edges")
+    else:
+        log.info("field of view %.6g × %.6g µm (margin %g µm)", *field, config.field_margin_um)
+    tracker = KalmanTracker(config, field_um=field)
     table = link_table(
         locs.frame,
         locs.xyz_um,
@@ -398,13 +443,16 @@ def run(args: argparse.Namespace) -> int:
     )
     if args.confirmed_only:
         table = table.ever_confirmed()
-    meta = {
+    meta: dict[str, Any] = {
         "input": str(Path(args.input).resolve()),
         "n_localizations": len(locs.frame),
         "n_rejected_non_finite": tracker.rejected_count,
         "n_dropped_over_cap": tracker.dropped_count,
+        "n_left_field": tracker.left_field_count,
         "confirmed_only": bool(args.confirmed_only),
     }
+    if field is not None:
+        meta["field_um"] = list(field)
     write_tracks(table, out, config, meta)
     n_tracks = len(np.unique(table.track_id))
     n_conf = len(np.unique(table.track_id[table.confirmed]))
