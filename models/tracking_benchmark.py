@@ -2,7 +2,7 @@
 
 `evaluate_scene` simulates one named scene (`focaltrack.sim.tracking_scenes`), runs the
 Kalman tracker over the simulated localizations and scores the confirmed tracks with CLEAR
-MOT, the particle-tracking-challenge measures and the smoothing gain
+MOT, IDF1, the particle-tracking-challenge measures and the smoothing gain
 (`focaltrack.models.tracking_metrics`). `time_update` times one tracker update with many
 live tracks. ``focaltrack evaluate-tracking`` prints and writes what these return.
 """
@@ -21,6 +21,7 @@ from focaltrack.models.tracking_metrics import (
     Trajectories,
     chenouard,
     clear_mot,
+    identity_scores,
     smoothing_gain,
 )
 from focaltrack.sim.tracking_scenes import SCENES, SPEED_UM_S, observe, simulate
@@ -53,7 +54,9 @@ def evaluate_scene(
     loc_frame, loc_xyz = observe(
         points, frames, rng, sigma_um, miss_probability, false_positives, box
     )
-    tracker = KalmanTracker(config)
+    # The field of view, as live (where the scene has one: not the crossing paths).
+    field = info.get("field_um")
+    tracker = KalmanTracker(config, field_um=None if field is None else (field[0], field[1]))
     t0 = time.perf_counter()
     table = link_table(loc_frame, loc_xyz, fps=fps, tracker=tracker, frame_range=(0, frames - 1))
     wall = time.perf_counter() - t0
@@ -61,6 +64,7 @@ def evaluate_scene(
     est = Trajectories.of(conf.frame, conf.track_id, conf.xyz_um)
     mot = clear_mot(truth, est, tolerance_um)
     ch = chenouard(truth, est, tolerance_um)
+    ident = identity_scores(truth, est, tolerance_um)
     gain = smoothing_gain(truth, est, loc_frame, loc_xyz, tolerance_um)
     return {
         "scene": name,
@@ -73,8 +77,10 @@ def evaluate_scene(
         "n_localizations": len(loc_frame),
         "n_tracks_started": len(np.unique(table.track_id)),
         "n_tracks_confirmed": len(np.unique(conf.track_id)),
+        "n_tracks_left_field": tracker.left_field_count,
         "clear_mot": mot.summary(),
         "chenouard": ch.summary(),
+        "identity": ident.summary(),
         "smoothing": gain.summary(),
         "tracker_ms_per_frame": 1e3 * wall / frames,
     }

@@ -106,6 +106,7 @@ ROWS = (
     ("MOTP (µm)", "clear_mot", "motp_um"),
     ("ID switches", "clear_mot", "id_switches"),
     ("fragmentations", "clear_mot", "fragmentations"),
+    ("IDF1", "identity", "idf1"),
     ("mostly tracked / truth tracks", None, "mt"),
     ("α (Chenouard)", "chenouard", "alpha"),
     ("β (Chenouard)", "chenouard", "beta"),
