@@ -43,10 +43,8 @@ import json
 import logging
 import math
 import os
-import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -456,23 +454,16 @@ def demo_config(s: DemoSettings, workspace: Path) -> Any:
 
 
 def _import_model(src: Path, workspace: Path) -> str:
-    """Copy a bundle into the workspace's models folder (atomically); returns its name."""
-    from focaltrack.models.bundle import read_meta
+    """Copy a bundle into the workspace's models folder (checked, atomically) unless an
+    earlier run did; returns its name."""
+    from focaltrack.daemon.commands.models import import_model
+    from focaltrack.daemon.workspace import Workspace
 
-    read_meta(src)  # a complete bundle, or a clear error
-    models = workspace / "models"
-    models.mkdir(parents=True, exist_ok=True)
     name = f"imported-{src.resolve().name}"[:128]
     name = "".join(c if c.isalnum() or c in "._-" else "_" for c in name)
-    dst = models / name
-    if not dst.exists():
-        tmp = Path(tempfile.mkdtemp(dir=models, prefix=f".{name}.tmp-"))
-        try:
-            shutil.copytree(src, tmp, dirs_exist_ok=True)
-            os.replace(tmp, dst)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    ws = Workspace(workspace)
+    if not ws.model_path(name).exists():
+        import_model(src, ws, name, force=False)
     return name
 
 
