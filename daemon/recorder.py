@@ -11,7 +11,7 @@ along its first axis afterwards:
   is the camera frame index (``frame_meta/index``).
 * ``tracks/{frame, track_id, x_um, y_um, z_um, vx_um_s, vy_um_s, vz_um_s, sigma_x_um,
   sigma_y_um, sigma_z_um, status, age_frames, misses}`` — one row per live track after each
-  analysed frame; ``status`` is an HDF5 enum (0 tentative, 1 confirmed).
+  analysed frame; ``status`` is an HDF5 enum (0 tentative, 1 confirmed, 2 coasting).
 
 The three tables are the HDF5 columns of the records `FrameMeta`, `Localizations` and
 `Tracks` (`focaltrack.records`); the lists above are what they hold at schema 1.
