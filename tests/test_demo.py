@@ -82,7 +82,7 @@ def test_focus_lock_picks_the_longest_confirmed_track_seen_now_and_stays_on_it()
         1,
         [
             (1, 40.0, "tentative", 50, 0),  # not confirmed
-            (2, 40.0, "confirmed", 30, 2),  # missed in this frame
+            (2, 40.0, "coasting", 30, 2),  # missed in this frame
             (3, 40.0, "confirmed", 20, 0),
             (4, 40.0, "confirmed", 25, 0),  # the one
             (5, 140.0, "confirmed", 90, 0),  # outside the calibrated range
@@ -91,12 +91,15 @@ def test_focus_lock_picks_the_longest_confirmed_track_seen_now_and_stays_on_it()
     )
     assert lock.step(msg).track_id == 4
     # Sticky: once locked, an older track appearing does not steal the lock ...
-    msg = _tracks(2, [(4, 45.0, "confirmed", 26, 1), (7, 45.0, "confirmed", 99, 0)])
+    msg = _tracks(2, [(4, 45.0, "confirmed", 26, 0), (7, 45.0, "confirmed", 99, 0)])
     assert lock.step(msg).track_id == 4
+    # ... nor while the locked track coasts (not seen this frame): hold, do not steer ...
+    d = lock.step(_tracks(3, [(4, 10.0, "coasting", 27, 1), (7, 45.0, "confirmed", 100, 0)]))
+    assert (d.track_id, d.reason, d.move_to_um) == (4, "coasting", None)
     # ... until the locked track ends.
-    msg = _tracks(3, [(7, 45.0, "confirmed", 100, 0)])
+    msg = _tracks(4, [(7, 45.0, "confirmed", 101, 0)])
     assert lock.step(msg).track_id == 7
-    d = lock.step(_tracks(4, [(8, 45.0, "tentative", 3, 0)]))
+    d = lock.step(_tracks(5, [(8, 45.0, "tentative", 3, 0)]))
     assert d.reason == "no_track" and d.move_to_um is None and lock.locked_id is None
 
 

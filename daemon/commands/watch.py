@@ -125,6 +125,7 @@ def format_message(topic: str, h: dict[str, Any], payload: bytes | None) -> str:
         if topic == "track":
             status = h.get("status") or []
             parts.append(f"confirmed {sum(1 for s in status if s == 'confirmed')}")
+            parts.append(f"coasting {sum(1 for s in status if s == 'coasting')}")
         parts.append(f"z_stage {_f(h.get('stage_z_um'), '.2f')} µm")
         if lat is not None:
             parts.append(f"acq->pub {1000 * lat:.1f} ms")

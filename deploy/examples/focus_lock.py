@@ -9,7 +9,9 @@ What it does, once per `track` message it acts on:
 1. **Drain.** Read every message waiting on the socket and keep only the newest `track`
    message: a steering loop must act on the present, not work through a backlog (PUB drops
    silently at its high-water mark anyway).
-2. **Pick.** Stay locked on the same track id while it lives. Otherwise lock onto the
+2. **Pick.** Stay locked on the same track id while it lives (while it is ``coasting``,
+   not seen in this frame, hold the focus: its position is only the tracker's prediction).
+   Otherwise lock onto the
    confirmed track that has lived longest and was seen in this frame (``misses == 0``): a
    long-lived track is a real emitter that the tracker follows well. (Track messages carry
    no brightness; a steadier track is also the better-localized one.)
@@ -87,7 +89,7 @@ class Decision:
     defocus_um: float | None
     error_um: float | None  # setpoint − defocus
     move_to_um: float | None
-    reason: str  # "move", "deadband", "no_track", "stale"
+    reason: str  # "move", "deadband", "coasting", "no_track", "stale"
 
 
 class FocusLock:
@@ -111,6 +113,8 @@ class FocusLock:
             for i, tid in enumerate(ids):
                 if tid == self.locked_id and status[i] == "confirmed":
                     return i
+                if tid == self.locked_id and status[i] == "coasting":
+                    return None  # alive but not seen this frame: keep the lock, do not steer
             self.locked_id = None  # it ended (left the field or was lost): pick another
         best: int | None = None
         for i in range(len(ids)):
@@ -136,6 +140,8 @@ class FocusLock:
         self._last_frame = frame
         i = self.choose(msg)
         z = msg["z_um"][i] if i is not None else None
+        if i is None and self.locked_id is not None:  # its position is only predicted
+            return Decision(frame, self.locked_id, None, None, None, "coasting")
         if i is None or z is None:
             return Decision(frame, None, None, None, None, "no_track")
         cfg = self.config
