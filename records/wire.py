@@ -239,7 +239,8 @@ def envelope_props(topic: str) -> dict[str, Any]:
 def schema_object(
     props: dict[str, Any], required: list[str], title: str, name: str
 ) -> dict[str, Any]:
-    """A closed object schema (no properties beyond ``props``) as a shipped file."""
+    """A closed object schema (no properties beyond ``props``), the strict form of a shipped
+    file (`focaltrack.daemon.schemagen` ships the ones clients receive opened)."""
     return {
         "$schema": SCHEMA_DRAFT,
         "$id": SCHEMA_ID + name,
