@@ -31,7 +31,7 @@ __all__ = ["RecordingSession"]
 
 class RecordingSession:
     """At most one recording at a time, into ``<workspace>/recordings``. Drops (a full
-    writer queue) count in ``focaltrack_recording_dropped_frames_total``.
+    writer queue) count in ``focaltrack_recording_dropped_total``.
 
     Made when the service starts, it first repairs the recordings that a crash left open
     (`focaltrack.daemon.repair`), so that every program opens them; ``repaired`` lists them.
