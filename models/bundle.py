@@ -15,7 +15,9 @@ A bundle is a directory::
 ``bit_depth``, ``noise`` (offset, read noise, gain), ``preprocess`` (the constants of
 `focaltrack.calibration.preprocess.Preprocess`), ``lateral`` / ``axial`` (architecture configs),
 ``decode`` (thresholds and merge radii chosen on validation data), ``training`` (preset
-name, all settings, seed, device, durations, synthesizer throughput), ``validation``
+name, all settings, seed, ``world_size`` (the processes of a data-parallel training; a
+bundle without it was trained by one, see `training_world_size`) and ``backend``, device,
+durations, synthesizer throughput), ``validation``
 (metrics on held-out synthetic frames), ``versions`` (focaltrack, torch, numpy, python).
 
 Writing is atomic: the bundle is assembled in a temporary directory beside the target and
@@ -111,6 +113,13 @@ def _fsync_dir(d: Path) -> None:
     for p in d.iterdir():
         with open(p, "rb") as f:
             os.fsync(f.fileno())
+
+
+def training_world_size(meta: dict[str, Any]) -> int:
+    """How many data-parallel processes trained the bundle (1 for bundles from before
+    ``training.world_size`` was recorded): with the seed, what reproduces the training."""
+    training = meta.get("training") or {}
+    return int(training.get("world_size") or 1)
 
 
 def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:

@@ -10,6 +10,17 @@ Presets (steps × batch; wall time on the 2-core development CPU, see docs/model
 ``ci`` for unit tests, ``quick`` for the demo, ``default`` for real use. AdamW with a
 one-cycle learning-rate schedule. Deterministic for a given seed on a CPU (same torch
 build and thread count); on a GPU bit-exactness is not guaranteed (atomic adds).
+
+Data-parallel training (`train_distributed`, ``focaltrack train --nproc N`` or torchrun;
+`focaltrack.models.distributed`): every rank draws its own batches (its own seed stream),
+DDP averages the gradients, rank 0 validates and writes the bundle. A preset keeps its
+meaning: the same steps and the same *global* batch, shared out over the ranks (so the
+learning-rate schedule and the number of examples seen do not depend on the world size).
+BatchNorm stays per rank: each rank's statistics are over its share of the batch times
+every pixel of the feature map (thousands of values per channel even at a batch of 2),
+so synchronising them (SyncBatchNorm) would buy little for one collective per layer per
+step; DDP hands rank 0's running statistics to all ranks before each step, and rank 0's
+are saved.
 """
 
 from __future__ import annotations
@@ -33,6 +44,7 @@ import torch.nn.functional as F
 from focaltrack.calibration import Calibration
 from focaltrack.common.files import fmt
 from focaltrack.common.version import __version__
+from focaltrack.models import distributed
 from focaltrack.models.bundle import BUNDLE_KIND, BUNDLE_SCHEMA_VERSION, ModelBundle, save_bundle
 from focaltrack.models.localizer import Candidates, DecodeSettings, Localizer, decode_candidates
 from focaltrack.models.metrics import MatchResult, combine, match
@@ -187,6 +199,16 @@ class TrainResult:
     axial: AxialNet
 
 
+def check_out(out: str | Path, overwrite: bool) -> Path:
+    """``out`` as a path, refused early (before any training) if it cannot be written."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise ValueError(f"{out} already exists (use --force to replace it)")
+    if not out.parent.is_dir():
+        raise ValueError(f"output directory {out.parent} does not exist")
+    return out
+
+
 def resolve_device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -209,8 +231,15 @@ def train(
     log: Callable[[str], None] = _log_stderr,
     overrides: dict[str, Any] | None = None,
     calibration_path: str | None = None,
+    rank: distributed.Rank | None = None,
 ) -> TrainResult:
-    """Train both networks from ``calibration`` and write a bundle to ``out`` (if given)."""
+    """Train both networks from ``calibration`` and write a bundle to ``out`` (if given).
+
+    ``rank``: this process's place in a data-parallel run whose process group is up (see
+    `train_distributed`); None (or a world of one) trains alone. Only rank 0 logs, shows
+    progress, validates and writes: the other ranks return a result without a path and
+    without ``meta["validation"]``.
+    """
     if isinstance(preset, str):
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
@@ -218,19 +247,25 @@ def train(
     if overrides:
         preset = replace(preset, **overrides)
     if out is not None:
-        out = Path(out)
-        if out.exists() and not overwrite:
-            raise ValueError(f"{out} already exists (use --force to replace it)")
-        if not out.parent.is_dir():
-            raise ValueError(f"output directory {out.parent} does not exist")
-    dev = resolve_device(device)
+        out = check_out(out, overwrite)
+    rk = distributed.SINGLE if rank is None else rank
+    if rank is not None and not distributed.is_initialized():
+        raise ValueError("train(rank=...) needs the process group: use train_distributed")
+    if not rk.is_main:
+        progress, log = False, _quiet
+    dev = resolve_device(device) if rank is None else distributed.rank_device(device, rk)
     if dev.type == "cpu":
         from focaltrack.models.localizer import default_threads
 
-        torch.set_num_threads(threads or default_threads())
+        torch.set_num_threads(
+            threads or (default_threads() if rank is None else distributed.rank_threads(rk))
+        )
+    lat_batch = distributed.rank_batch(preset.lateral_batch, rk)
+    ax_batch = distributed.rank_batch(preset.axial_batch, rk)
+    # the same initial weights on every rank (DDP also broadcasts rank 0's)
     torch.manual_seed(seed)
     t_start = time.perf_counter()
-    synth = Synthesizer(calibration, preset.synth, device=dev, seed=seed)
+    synth = Synthesizer(calibration, preset.synth, device=dev, seed=distributed.rank_seed(seed, rk))
     n_bins = len(calibration.z_um)
     lateral = LateralNet(preset.lateral).to(dev)
     axial = AxialNet(replace(preset.axial, n_bins=n_bins)).to(dev)
@@ -239,6 +274,12 @@ def train(
         + (f" ({torch.get_num_threads()} threads)" if dev.type == "cpu" else "")
         + f"; calibration {calibration.sha256[:12]} ({len(calibration.z_um)} slices "
         f"{calibration.z_um[0]:g}…{calibration.z_um[-1]:g} µm, {calibration.pixel_size_um:g} µm px)"
+        + (
+            f"; {rk.world_size} processes ({distributed.backend()}), batch per process "
+            f"{lat_batch} lateral, {ax_batch} axial"
+            if rank is not None
+            else ""
+        )
     )
 
     # ---- lateral
@@ -248,12 +289,12 @@ def train(
         steps=preset.lateral_steps,
         lr=preset.lateral_lr,
         wd=preset.weight_decay,
-        batch_fn=lambda: synth.lateral_batch(preset.lateral_batch, preset.lateral_patch,
-                                             lateral.stride),
+        batch_fn=lambda: synth.lateral_batch(lat_batch, preset.lateral_patch, lateral.stride),
         loss_fn=lambda net, b: lateral_loss(net(b.x), b.heat, b.offset, b.positive,
                                             preset.offset_weight)[0],
         desc="lateral",
         progress=progress,
+        ddp=rank is not None,
     )  # fmt: skip
     t_lat = time.perf_counter() - t0
     lat_synth_rate = synth.windows_per_s
@@ -271,10 +312,11 @@ def train(
         steps=preset.axial_steps,
         lr=preset.axial_lr,
         wd=preset.weight_decay,
-        batch_fn=lambda: synth.axial_batch(preset.axial_batch, axial.cfg.window),
+        batch_fn=lambda: synth.axial_batch(ax_batch, axial.cfg.window),
         loss_fn=lambda net, b: axial_loss(net(b.x), b.target, b.offset, preset.axial_offset_weight),
         desc="axial  ",
         progress=progress,
+        ddp=rank is not None,
     )
     t_ax = time.perf_counter() - t0
     ax_synth_rate = synth.windows_per_s
@@ -284,6 +326,8 @@ def train(
     )
     lateral.eval()
     axial.eval()
+    if not rk.is_main:
+        return TrainResult(None, _meta_of_rank(rk, seed, lat_hist, ax_hist), lateral, axial)
 
     meta: dict[str, Any] = {
         "kind": BUNDLE_KIND,
@@ -310,6 +354,8 @@ def train(
             "preset": preset.name,
             "settings": preset.to_dict(),
             "seed": seed,
+            "world_size": rk.world_size,
+            "backend": distributed.backend() if rank is not None else None,
             "device": str(dev),
             "threads": torch.get_num_threads() if dev.type == "cpu" else None,
             "lateral_seconds": round(t_lat, 2),
@@ -354,6 +400,38 @@ def train(
     return TrainResult(path, meta, lateral, axial)
 
 
+def _quiet(msg: str) -> None:
+    """The log of ranks other than 0: rank 0 speaks for the run."""
+
+
+def _meta_of_rank(
+    rk: distributed.Rank, seed: int, lat_hist: list[float], ax_hist: list[float]
+) -> dict[str, Any]:
+    return {
+        "training": {
+            "seed": seed,
+            "rank": rk.rank,
+            "world_size": rk.world_size,
+            "lateral_final_loss": lat_hist[-1],
+            "axial_final_loss": ax_hist[-1],
+        }
+    }
+
+
+def train_distributed(
+    rank: distributed.Rank, calibration: Calibration, out: str | Path | None, **kwargs: Any
+) -> TrainResult:
+    """`train` as rank ``rank`` of a data-parallel run: joins the process group the
+    launcher's variables describe (`focaltrack.models.distributed.launch` or torchrun),
+    trains, and leaves the group. ``kwargs`` are `train`'s."""
+    dev = distributed.rank_device(kwargs.get("device"), rank)
+    distributed.init_process_group(rank, dev)
+    try:
+        return train(calibration, out, rank=rank, **kwargs)
+    finally:
+        distributed.shutdown()
+
+
 def _fit(
     net: torch.nn.Module,
     *,
@@ -364,10 +442,14 @@ def _fit(
     loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
     desc: str,
     progress: Progress,
+    ddp: bool = False,
 ) -> list[float]:
     net.train()
     # ~2x faster convolutions on CPUs (torch's stubs leave out the documented keyword)
     net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    # in DDP (``ddp``: one rank of a data-parallel run): the forward/backward through the
+    # wrapper averages the gradients over the ranks; the optimiser steps the same parameters
+    model = distributed.wrap(net, next(net.parameters()).device) if ddp else net
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=wd)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, total_steps=max(steps, 1), pct_start=0.15, div_factor=10.0,
@@ -375,7 +457,7 @@ def _fit(
     )  # fmt: skip
     batches = Prefetch(batch_fn, steps)
     try:
-        hist = _steps(net, opt, sched, batches, loss_fn, steps, desc, progress)
+        hist = _steps(model, opt, sched, batches, loss_fn, steps, desc, progress)
     finally:
         batches.close()
     if not hist:

@@ -1,6 +1,7 @@
 """``focaltrack train``: train both networks from a calibration alone; writes a model bundle.
 
-See docs/models.md (presets, the synthesizer, the bundle format).
+See docs/models.md (presets, the synthesizer, the bundle format). ``--nproc N`` or torchrun:
+data-parallel training (`focaltrack.models.distributed`, docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def register(sub: Any) -> None:
         "--device", default="auto", help="auto (CUDA if available, else CPU), cpu, cuda, cuda:N"
     )
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores, ≤ 8)")
+    p.add_argument(
+        "--nproc",
+        type=positive_int,
+        default=1,
+        help="train data-parallel (DDP) in N processes on this machine: one per GPU (NCCL), "
+        "or sharing the CPU cores (gloo); the preset's global batch is shared out. Under "
+        "torchrun leave it out (torchrun starts the processes)",
+    )
     p.add_argument("--force", action="store_true", help="replace an existing bundle at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -50,22 +59,40 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from focaltrack.calibration import Calibration
-    from focaltrack.models.train import train
+    from focaltrack.models import distributed
+    from focaltrack.models.bundle import read_meta
+    from focaltrack.models.train import check_out, train, train_distributed
 
+    launched = distributed.from_env()
+    if launched is not None and args.nproc > 1:
+        raise ValueError(
+            "--nproc under torchrun: torchrun has started the processes; leave --nproc out"
+        )
     cal = Calibration.load(args.calibration)
-    result = train(
-        cal,
-        args.out,
-        preset=args.preset,
-        seed=args.seed,
-        device=args.device,
-        threads=args.threads,
-        overwrite=args.force,
-        progress=not args.no_progress,
-        calibration_path=str(args.calibration),
-    )
-    v = result.meta["validation"]["by_snr"]
-    print(f"model: {result.path}", file=sys.stdout)
+    kwargs: dict[str, Any] = {
+        "preset": args.preset,
+        "seed": args.seed,
+        "device": args.device,
+        "threads": args.threads,
+        "overwrite": args.force,
+        "progress": not args.no_progress,
+        "calibration_path": str(args.calibration),
+    }
+    if launched is not None:
+        result = train_distributed(launched, cal, args.out, **kwargs)
+        if not launched.is_main:
+            return 0  # rank 0 reports
+        path, meta = result.path, result.meta
+    elif args.nproc > 1:
+        check_out(args.out, args.force)  # refused here rather than once per process
+        distributed.launch(args.nproc, train_distributed, cal, args.out, **kwargs)
+        path = args.out
+        meta = read_meta(path)
+    else:
+        result = train(cal, args.out, **kwargs)
+        path, meta = result.path, result.meta
+    v = meta["validation"]["by_snr"]
+    print(f"model: {path}", file=sys.stdout)
     for k, r in v.items():
         print(
             f"  validation {k:>5}: Jaccard {_f(r['jaccard'])}  RMSE xy {_f(r['rmse_lateral_um'])} "
