@@ -10,6 +10,13 @@ column ``stage_z_um``, the focus each frame was taken at, which `focaltrack trac
 track across focus moves as the live service does. Prints frames/s to stderr. See
 docs/models.md.
 
+Any length of recording (`focaltrack.models.reanalysis`): frames are read, localized and
+written ``--chunk`` frames at a time, with a progress bar; the rows so far are kept in
+``OUT.partial`` (and ``OUT.partial.json``: what they are of, how far they go) and the output
+appears, complete, at the end. Run again on the same output it resumes after the last
+complete chunk; another input, model or settings is refused unless ``--force``. ``--dask``
+runs the chunks on a dask.distributed cluster (docs/scaling.md), with the same rows.
+
 Pixel size: ``--pixel-size``, else what the file states about itself
 (`focaltrack.calibration.pixelsize`), checked against the model's like ``--pixel-size``
 (1 %; a mismatch is refused unless ``--force``); a file that states none is taken to have
@@ -19,9 +26,8 @@ the model's, with a note on stderr.
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import os
 import sys
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +53,13 @@ def _unit_float(text: str) -> float:
     if not 0 < v < 1:
         raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
     return v
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def register(sub: Any) -> None:
@@ -88,83 +101,38 @@ def register(sub: Any) -> None:
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA if available)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores, ≤ 8)")
     p.add_argument("--batch", type=positive_int, default=4, help="frames per batch (default 4)")
+    p.add_argument(
+        "--chunk",
+        type=positive_int,
+        default=128,
+        help="frames read, analysed and written at a time, rounded up to whole batches: the "
+        "memory used and the unit of resuming and of Dask tasks (default 128)",
+    )
+    p.add_argument(
+        "--dask",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run the chunks on Dask: a local cluster of --workers processes, or the "
+        "scheduler at ADDRESS (tcp://host:8786); needs focaltrack[dask]",
+    )
+    p.add_argument(
+        "--workers",
+        type=positive_int,
+        default=_cores(),
+        help="worker processes of the local Dask cluster (default: the usable cores)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     p.set_defaults(func=run)
 
 
 def read_frames(path: Path, dataset: str | None = None) -> np.ndarray:
-    """(N, H, W) frames from a TIFF or HDF5 file, in the file's dtype. Clear errors."""
-    if not path.exists():
-        raise ValueError(f"input {path} does not exist")
-    if path.is_dir():
-        raise ValueError(f"input {path} is a directory, not a file")
-    with open(path, "rb") as fh:
-        magic = fh.read(8)
-    if magic.startswith(b"\x89HDF\r\n\x1a\n"):
-        arr = _read_h5(path, dataset)
-    elif magic[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        if dataset is not None:
-            raise ValueError(f"--dataset applies to HDF5 input; {path} is a TIFF")
-        arr = _read_tiff(path)
-    else:
-        raise ValueError(f"{path} is neither a TIFF nor an HDF5 file")
-    if arr.ndim == 2:
-        arr = arr[None]
-    if arr.ndim != 3:
-        raise ValueError(
-            f"{path}: frames must be 2-D images (a stack is N × H × W), got shape {arr.shape}"
-        )
-    if arr.shape[0] == 0 or arr.size == 0:
-        raise ValueError(f"{path} contains no frames")
-    return arr
+    """(N, H, W) frames from a TIFF or HDF5 file, in the file's dtype, all at once. Clear
+    errors. (`focaltrack localize` reads them in chunks: `focaltrack.models.reanalysis`.)"""
+    from focaltrack.models.reanalysis import open_frames
 
-
-def _read_tiff(path: Path) -> np.ndarray:
-    import tifffile
-
-    try:
-        with tifffile.TiffFile(path) as tf:
-            if len(tf.pages) == 0:
-                raise ValueError(f"{path} is an empty TIFF (no images)")
-            arr = tf.asarray()
-    except ValueError:
-        raise
-    except Exception as e:  # tifffile raises a variety of errors on broken files
-        raise ValueError(f"{path} is not a readable TIFF: {e}") from e
-    arr = np.asarray(arr)
-    # drop singleton axes beyond the image plane (e.g. (N, 1, H, W) from some writers)
-    while arr.ndim > 3 and 1 in arr.shape[:-2]:
-        arr = arr.reshape([s for i, s in enumerate(arr.shape) if not (s == 1 and i < arr.ndim - 2)])
-    return arr
-
-
-def _read_h5(path: Path, dataset: str | None) -> np.ndarray:
-    import h5py
-
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        # A recording still being written, or left by a crash (kill -9, power loss), keeps
-        # its "open for writing" mark and refuses a plain open; as a SWMR reader it opens,
-        # with everything the writer had flushed.
-        try:
-            f = h5py.File(path, "r", libver="latest", swmr=True)
-        except OSError:
-            raise ValueError(f"{path} is not a readable HDF5 file: {e}") from e
-    with f:
-        if dataset is not None:
-            if dataset not in f or not isinstance(f[dataset], h5py.Dataset):
-                raise ValueError(f"{path} has no dataset {dataset!r}")
-            return np.asarray(f[dataset][()])
-        found: list[str] = []
-        f.visititems(
-            lambda name, obj: (
-                found.append(name) if isinstance(obj, h5py.Dataset) and obj.ndim == 3 else None
-            )
-        )
-        if len(found) != 1:
-            what = "no 3-D dataset" if not found else f"several 3-D datasets ({', '.join(found)})"
-            raise ValueError(f"{path} has {what}; name the frames with --dataset")
-        return np.asarray(f[found[0]][()])
+    source = open_frames(path, dataset)
+    return source.read(0, source.n_frames)
 
 
 def read_stage_z(path: Path, n_frames: int) -> np.ndarray | None:
@@ -228,14 +196,19 @@ def _columns(locs: list[Localizations]) -> dict[str, np.ndarray]:
 
 def run(args: argparse.Namespace) -> int:
     from focaltrack.calibration.pixelsize import read_pixel_size
+    from focaltrack.models import reanalysis
     from focaltrack.models.bundle import load_bundle
     from focaltrack.models.localizer import Localizer
 
     if args.out.suffix.lower() not in (".csv", ".h5", ".hdf5"):
         raise ValueError(f"--out must end in .csv or .h5, got {args.out.name}")
+    if not args.out.parent.is_dir():
+        raise ValueError(f"output directory {args.out.parent} does not exist")
     bundle = load_bundle(args.model, device="cpu")
     stated = read_pixel_size(args.frames, args.dataset)
-    pixel_size, source = _frames_pixel_size(args, stated, bundle.calibration)
+    pixel_size, source_of_size = _frames_pixel_size(args, stated, bundle.calibration)
+    # Built here for its checks (pixel size, passes) before any work, and for the run's
+    # settings; the chunks use the process's own (`reanalysis.localizer_for`).
     loc = Localizer(
         bundle,
         device=args.device,
@@ -244,41 +217,72 @@ def run(args: argparse.Namespace) -> int:
         force=args.force,
         passes=args.passes,
     )
-    frames = read_frames(args.frames, args.dataset)
-    if stated is None and args.pixel_size is None:  # after read_frames: a file to speak of
+    source = reanalysis.open_frames(args.frames, args.dataset)
+    if stated is None and args.pixel_size is None:  # after open_frames: a file to speak of
         print(
             f"localize: {args.frames.name} states no pixel size; assuming the model's "
             f"{loc.pixel_size_um:g} µm (--pixel-size UM states it)",
             file=sys.stderr,
         )
-    loc.check_frames(frames)  # all checks before any work
-    n = len(frames)
-    results = []
-    t0 = time.perf_counter()
-    for i in range(0, n, args.batch):
-        results += loc.localize_batch(
-            frames[i : i + args.batch], first_index=i, threshold=args.threshold
-        )
-    dt = time.perf_counter() - t0
-    stage_z = read_stage_z(args.frames, n)
-    if stage_z is not None:  # a recording: keep the focus of each frame
-        results = [dataclasses.replace(r, stage_z_um=float(stage_z[r.frame])) for r in results]
+    spec = reanalysis.AnalysisSpec(
+        model=str(args.model.resolve()),
+        batch=args.batch,
+        device=args.device,
+        # a Dask worker has one core: one torch thread unless told otherwise
+        threads=args.threads or (1 if args.dask else None),
+        pixel_size_um=pixel_size,
+        force=args.force,
+        passes=args.passes,
+        threshold=args.threshold,
+    )
+    identity = {
+        "input": reanalysis.input_identity(source),
+        "model": reanalysis.model_identity(args.model),
+        "settings": {
+            "pixel_size_um": loc.pixel_size_um,
+            "threshold": args.threshold,
+            "passes": loc.decode.passes,
+            "batch": args.batch,
+            "format": args.out.suffix.lower(),
+        },
+    }
     attrs = {
         "model": str(args.model.resolve()),
         "calibration_sha256": loc.calibration.sha256,
         "pixel_size_um": loc.pixel_size_um,
-        "pixel_size_source": source,
+        "pixel_size_source": source_of_size,
         "input": str(args.frames.resolve()),
-        "n_frames": n,
-        "columns": ",".join((*COLUMNS, STAGE_Z) if stage_z is not None else COLUMNS),
+        "n_frames": source.n_frames,
+        "columns": ",".join((*COLUMNS, STAGE_Z) if source.stage_z else COLUMNS),
         "z_convention": "distance from the focal plane as in the calibration (µm)",
     }
-    write_localizations(args.out, results, attrs)
-    total = sum(len(r) for r in results)
+    client = cluster = None
+    where = str(loc.device)
+    if args.dask:
+        client, cluster = reanalysis.dask_client(args.dask, args.workers, spec.threads or 1)
+        where = f"Dask, {len(client.nthreads())} workers"
+    try:
+        n, total, dt, _ = reanalysis.reanalyse(
+            spec,
+            source,
+            args.out,
+            identity=identity,
+            attrs=attrs,
+            chunk=args.chunk,
+            force=args.force,
+            client=client,
+            progress=not args.no_progress,
+        )
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    h, w = source.frame_shape
     print(
-        f"localize: {n} frames, {total} localizations → {args.out}; "
-        f"{n / dt:.1f} frames/s ({1e3 * dt / n:.1f} ms/frame, "
-        f"{frames.shape[2]}×{frames.shape[1]} px, {loc.device})",
+        f"localize: {source.n_frames} frames ({n} now), {total} localizations → {args.out}; "
+        f"{n / max(dt, 1e-9):.1f} frames/s ({1e3 * dt / max(n, 1):.1f} ms/frame, "
+        f"{w}×{h} px, {where})",
         file=sys.stderr,
     )
     return 0
