@@ -212,6 +212,17 @@ def test_an_existing_output_is_refused_before_any_process_starts(tmp_path, monke
     assert rc == 2 and "already exists" in capsys.readouterr().err
 
 
+def test_more_processes_than_a_batch_has_elements_are_refused_before_starting(
+    tmp_path, monkeypatch, capsys
+):
+    cal = tmp_path / "cal.h5"
+    make_calibration().save(cal)
+    monkeypatch.setattr(distributed, "launch", lambda *a, **k: pytest.fail("launched"))
+    rc = main(["train", "--calibration", str(cal), "--out", str(tmp_path / "model"),
+               "--preset", "ci", "--nproc", "13", "--device", "cpu"])  # fmt: skip
+    assert rc == 2 and "13 processes for a batch of 12" in capsys.readouterr().err
+
+
 def test_a_bundle_without_a_world_size_was_trained_by_one_process():
     assert training_world_size({"training": {"seed": 0}}) == 1
     assert training_world_size({}) == 1

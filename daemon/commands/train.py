@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from focaltrack.calibration import Calibration
     from focaltrack.models import distributed
     from focaltrack.models.bundle import read_meta
-    from focaltrack.models.train import check_out, train, train_distributed
+    from focaltrack.models.train import PRESETS, check_out, train, train_distributed
 
     launched = distributed.from_env()
     if launched is not None and args.nproc > 1:
@@ -84,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
             return 0  # rank 0 reports
         path, meta = result.path, result.meta
     elif args.nproc > 1:
-        check_out(args.out, args.force)  # refused here rather than once per process
+        # refused here rather than once per process
+        check_out(args.out, args.force)
+        preset = PRESETS[args.preset]
+        for r in range(args.nproc):
+            rank = distributed.Rank(r, args.nproc, r)
+            distributed.rank_device(args.device, rank)  # a GPU for every rank
+            distributed.rank_batch(min(preset.lateral_batch, preset.axial_batch), rank)
         distributed.launch(args.nproc, train_distributed, cal, args.out, **kwargs)
         path = args.out
         meta = read_meta(path)
