@@ -102,7 +102,8 @@ def rank_seed(seed: int, rank: Rank) -> int:
     of (seed, world size): independent streams, fixed by the seed and the world size."""
     if rank.world_size == 1:
         return seed
-    children = np.random.SeedSequence([seed & 0xFFFFFFFF, rank.world_size]).spawn(rank.world_size)
+    # modulo 2⁶⁴: SeedSequence takes no negative entropy (the CLI's --seed may be negative)
+    children = np.random.SeedSequence([seed % 2**64, rank.world_size]).spawn(rank.world_size)
     # torch.Generator takes 64 bits; the sign bit is left clear
     return int(children[rank.rank].generate_state(1, np.uint64)[0] >> np.uint64(1))
 

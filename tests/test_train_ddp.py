@@ -113,7 +113,8 @@ def test_the_ranks_draw_different_batches_and_end_with_the_same_weights(cli_run)
     r0, r1 = _reports(reports, 2)
     # different data on each rank (its own seed stream) ...
     assert r0["lateral_final_loss"] != r1["lateral_final_loss"]
-    # ... and, the gradients averaged, the same parameters after every step
+    # ... and, the gradients averaged, the same parameters after the steps (the BatchNorm
+    # running statistics are left out: each rank updates its own in its last forward)
     assert r0["digest"] == r1["digest"]
     # rank 0 wrote the bundle, and what it wrote is what it trained
     assert r0["path"] == str(model) and r1["path"] is None
@@ -162,6 +163,7 @@ def test_a_world_of_one_keeps_the_seed_and_ranks_get_independent_streams():
     assert two == [distributed.rank_seed(7, Rank(r, 2, r)) for r in range(2)]
     assert two != [distributed.rank_seed(8, Rank(r, 2, r)) for r in range(2)]
     assert all(0 <= s < 2**63 for s in two + four)
+    assert distributed.rank_seed(-1, Rank(0, 2, 0)) != distributed.rank_seed(1, Rank(0, 2, 0))
     torch.Generator().manual_seed(max(four))  # a seed torch takes
 
 
