@@ -555,12 +555,18 @@ def dask_client(address: str, workers: int, threads: int) -> tuple[Any, Any]:
         logging.getLogger(name).setLevel(logging.WARNING)
     if address != "local":
         return Client(address), None
+    import dask.config
+
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=None,
-        env=env,
-    )
+    # Dask starts workers with MALLOC_TRIM_THRESHOLD_=65536, which makes glibc hand every
+    # large array back to the system and fault it in again: the localizer ran at 15 instead
+    # of 25 frames/s (two passes, 256² px). None unsets it (docs/scaling.md for clusters).
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            env=env,
+        )
     return Client(cluster), cluster
