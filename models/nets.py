@@ -171,13 +171,12 @@ class AxialNet(nn.Module):
             cin = w
         self.features = nn.Sequential(*layers)
         side = cfg.window // 2 ** len(cfg.widths)
+        # The layers are made in this order on purpose: their initial weights are drawn from
+        # torch's generator in construction order, so a given seed gives the same network.
+        hidden = nn.Linear(cin * side * side, cfg.hidden)
         logits = nn.Linear(cfg.hidden, cfg.n_bins)
         self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Linear(cin * side * side, cfg.hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(0.2),
-            logits,
+            nn.Flatten(), hidden, nn.ReLU(inplace=True), nn.Dropout(0.2), logits
         )
         # offsets get their own hidden layer: sharing the classifier's, the L1 loss drives
         # its ReLUs to zero early on (a constant 0 offset is its cheapest minimum) and the
