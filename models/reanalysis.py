@@ -39,6 +39,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 
+from focaltrack.common.errors import FocaltrackError
 from focaltrack.common.files import atomic_path
 from focaltrack.common.progress import progress_bar
 from focaltrack.records import Localizations, columns_of, csv_columns
@@ -64,7 +65,7 @@ _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 _STATE_VERSION = 1
 
 
-class ReanalysisError(ValueError):
+class ReanalysisError(FocaltrackError, ValueError):
     """A partial output that does not belong to this run (one line, for the CLI)."""
 
 
