@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import Enum
 from pathlib import Path
@@ -59,30 +60,25 @@ def _non_negative_float(text: str) -> float:
     return v
 
 
-def _noise_pair(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        vals = tuple(float(p) for p in parts)
-    except ValueError:
-        vals = ()
-    if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
-        raise argparse.ArgumentTypeError(
-            f"expected SIGMA_LATERAL_UM,SIGMA_AXIAL_UM (two positive numbers), got {text!r}"
-        )
-    return vals[0], vals[1]
+def _positive_pair(names: str) -> Callable[[str], tuple[float, float]]:
+    """An argparse type for ``A,B``: two positive finite numbers (``names`` says which)."""
+
+    def parse(text: str) -> tuple[float, float]:
+        try:
+            vals = tuple(float(p) for p in text.split(","))
+        except ValueError:
+            vals = ()
+        if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
+            raise argparse.ArgumentTypeError(
+                f"expected {names} (two positive numbers), got {text!r}"
+            )
+        return vals[0], vals[1]
+
+    return parse
 
 
-def _field_pair(text: str) -> tuple[float, float]:
-    parts = text.split(",")
-    try:
-        vals = tuple(float(p) for p in parts)
-    except ValueError:
-        vals = ()
-    if len(vals) != 2 or not all(math.isfinite(v) and v > 0 for v in vals):
-        raise argparse.ArgumentTypeError(
-            f"expected WIDTH_UM,HEIGHT_UM (two positive numbers), got {text!r}"
-        )
-    return vals[0], vals[1]
+_noise_pair = _positive_pair("SIGMA_LATERAL_UM,SIGMA_AXIAL_UM")
+_field_pair = _positive_pair("WIDTH_UM,HEIGHT_UM")
 
 
 def _motion(text: str) -> str:
