@@ -38,9 +38,14 @@ def psf_model() -> PSFModel:
     return _MODEL
 
 
-def make_calibration(z_um: np.ndarray | None = None, window: int = 128) -> Calibration:
+def make_calibration(
+    z_um: np.ndarray | None = None, window: int = 128, library: PSFModel | None = None
+) -> Calibration:
+    """The simulated microscope's calibration at ``z_um``; ``library``: a PSF library to cut
+    the slices from (default the shared full-range one)."""
     z = np.arange(0.0, 101.0, 2.0) if z_um is None else np.asarray(z_um, dtype=np.float64)
-    psf = psf_model().psf_stack(z, window_px=window).astype(np.float64)
+    lib = psf_model() if library is None else library
+    psf = lib.psf_stack(z, window_px=window).astype(np.float64)
     psf /= psf.sum(axis=(1, 2)).max()
     return Calibration(
         psf=psf.astype(np.float32),

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from cnn_fixtures import CAMERA, OPTICS, PIXEL_UM
+from cnn_fixtures import OPTICS, make_calibration
 
 from focaltrack.calibration import Calibration, NoiseModel
 from focaltrack.models.crlb import JointLayout, crlb, joint_crlb, joint_model
@@ -28,20 +28,7 @@ def sim_calibration(z_max_um: float, window: int = 96) -> Calibration:
     slices, from a PSF library that spans only them (built in a fraction of the time)."""
     z = np.arange(0.0, z_max_um + 1.0, 2.0)
     lib = PSFModel(OPTICS, z_min_um=0.0, z_max_um=float(z[-1]), dz_um=2.0, cache=False)
-    stack = lib.psf_stack(z, window_px=window).astype(np.float64)
-    stack /= stack.sum(axis=(1, 2)).max()
-    return Calibration(
-        psf=stack.astype(np.float32),
-        z_um=z,
-        pixel_size_um=PIXEL_UM,
-        noise=NoiseModel(
-            offset_adu=CAMERA.offset_adu,
-            read_noise_adu=CAMERA.read_noise_e / CAMERA.gain_e_per_adu,
-            gain_e_per_adu=CAMERA.gain_e_per_adu,
-        ),
-        source="test fixture (sim PSF model)",
-        bit_depth=CAMERA.bit_depth,
-    )
+    return make_calibration(z, window, library=lib)
 
 
 @pytest.fixture(scope="module")
