@@ -61,6 +61,37 @@ def make_calibration(
     )
 
 
+def save_untrained_bundle(out: Path) -> tuple[Path, Calibration]:
+    """A real bundle at ``out`` (real files, real networks) with untrained weights: cheap,
+    and enough to drive a command that reads bundles; returns its path and calibration."""
+    import torch
+
+    from focaltrack.calibration.preprocess import Preprocess
+    from focaltrack.models.bundle import save_bundle
+    from focaltrack.models.nets import AxialConfig, AxialNet, LateralNet
+
+    cal = make_calibration()
+    torch.manual_seed(0)
+    pre = Preprocess.from_noise(cal.noise)
+    meta = {
+        "created_utc": "2026-01-01T00:00:00Z",
+        "calibration": {"sha256": cal.sha256, "source": cal.source, "file": "calibration.h5"},
+        "pixel_size_um": cal.pixel_size_um,
+        "z_um": cal.z_um.tolist(),
+        "bit_depth": cal.bit_depth,
+        "preprocess": {k: getattr(pre, k) for k in ("offset_adu", "gain_e_per_adu", "s0_e")},
+        "training": {"preset": "untrained", "seed": 0},
+    }
+    path = save_bundle(
+        out,
+        calibration=cal,
+        lateral=LateralNet(),
+        axial=AxialNet(AxialConfig(n_bins=len(cal.z_um))),
+        meta=meta,
+    )
+    return path, cal
+
+
 def photons_for_peak_snr(snr_db: float, background_photons: float, z_ref_um: float = 50.0) -> float:
     """Photons of an intensity-1 emitter whose brightest pixel (pixel-centred, at
     ``z_ref_um``) has S / sqrt(S + B + σ_r²) = 10^(dB/20) (electrons): `evaluate`'s SNR."""

@@ -15,32 +15,9 @@ from focaltrack.models.bundle import load_bundle
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A real bundle with untrained weights (what is imported is files, not accuracy)."""
-    import torch
-    from cnn_fixtures import make_calibration
+    from cnn_fixtures import save_untrained_bundle
 
-    from focaltrack.calibration.preprocess import Preprocess
-    from focaltrack.models.bundle import save_bundle
-    from focaltrack.models.nets import AxialConfig, AxialNet, LateralNet
-
-    cal = make_calibration()
-    torch.manual_seed(0)
-    pre = Preprocess.from_noise(cal.noise)
-    meta = {
-        "created_utc": "2026-01-01T00:00:00Z",
-        "calibration": {"sha256": cal.sha256, "source": cal.source, "file": "calibration.h5"},
-        "pixel_size_um": cal.pixel_size_um,
-        "z_um": cal.z_um.tolist(),
-        "bit_depth": cal.bit_depth,
-        "preprocess": {k: getattr(pre, k) for k in ("offset_adu", "gain_e_per_adu", "s0_e")},
-        "training": {"preset": "untrained", "seed": 0},
-    }
-    return save_bundle(
-        tmp_path_factory.mktemp("trained") / "beads-60x",
-        calibration=cal,
-        lateral=LateralNet(),
-        axial=AxialNet(AxialConfig(n_bins=len(cal.z_um))),
-        meta=meta,
-    )
+    return save_untrained_bundle(tmp_path_factory.mktemp("trained") / "beads-60x")[0]
 
 
 def _hidden(ws: Path) -> list[str]:
