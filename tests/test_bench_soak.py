@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import mmap
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +49,17 @@ def test_rss_reader_sees_this_process_grow():
     assert read is not None, source
     before = read()
     assert before > 10 * 2**20
-    block = np.ones(64 * 2**20, dtype=np.uint8)  # touched, so resident
-    if source == "/proc/self/statm":
-        assert read() - before > 48 * 2**20
-    del block
+    # Fresh pages straight from the kernel: a numpy array may reuse heap pages that an
+    # earlier test left resident (glibc raises its mmap threshold after a large free), and
+    # then resident memory does not grow.
+    size = 64 * 2**20
+    block = mmap.mmap(-1, size)
+    try:
+        block.write(b"\x01" * size)  # touched, so resident
+        if source == "/proc/self/statm":
+            assert read() - before > 48 * 2**20
+    finally:
+        block.close()
 
 
 def test_slope_shows_a_leak_and_not_an_early_step():
