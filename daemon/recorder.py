@@ -8,13 +8,18 @@ along its first axis afterwards:
 * ``frame_meta/index``, ``frame_meta/t_acq_s``, ``frame_meta/stage_z_um``,
   ``frame_meta/exposure_ms`` — one row per recorded frame, same order as ``frames``.
 * ``localizations/{frame, x_um, y_um, z_um, score}`` — one row per localization; ``frame``
-  is the camera frame index (``frame_meta/index``).
+  is the camera frame index (``frame_meta/index``). Since the localizer fits (issue #13)
+  also ``sigma_x_um, sigma_y_um, sigma_z_um, photons, background`` (float32, NaN where not
+  fitted) and ``flags`` (uint16, `focaltrack.records.LocFlag` bits, listed in the dataset's
+  ``bits`` attribute); a file without them is read as NaN and NOT_FITTED.
 * ``tracks/{frame, track_id, x_um, y_um, z_um, vx_um_s, vy_um_s, vz_um_s, sigma_x_um,
   sigma_y_um, sigma_z_um, status, age_frames, misses}`` — one row per live track after each
   analysed frame; ``status`` is an HDF5 enum (0 tentative, 1 confirmed, 2 coasting).
 
 The three tables are the HDF5 columns of the records `FrameMeta`, `Localizations` and
-`Tracks` (`focaltrack.records`); the lists above are what they hold at schema 1.
+`Tracks` (`focaltrack.records`); the lists above are what they hold at schema 1 (datasets
+are only ever added within a schema version: a reader takes a missing one as its column's
+``absent`` value).
 
 Root attributes: ``schema_version``, ``kind`` ("focaltrack.recording"), ``created_utc``,
 ``calibration_sha256``, ``model``, ``pixel_size_um``, ``frames_recorded`` (bool), plus any
@@ -59,9 +64,11 @@ from focaltrack.records import (
     STATUS_CODES,
     FrameMeta,
     Localizations,
+    LocFlag,
     Tracks,
     TrackStatus,
     columns_of,
+    fill_absent,
     hdf5_columns,
     to_columns,
 )
@@ -268,6 +275,9 @@ class Recorder:
                     dtype=status_dt if dt == "enum" else np.dtype(dt),
                 )
         f["tracks/status"].attrs["codes"] = ", ".join(f"{c} {s}" for s, c in STATUS_CODES.items())
+        f["localizations/flags"].attrs["bits"] = ", ".join(
+            f"{int(b)} {b.name.lower()}" for b in LocFlag if b.name
+        )
 
     def stop(self, timeout_s: float = 10.0) -> RecordingSummary:
         """Write out everything queued, flush, close, mark the file complete."""
@@ -468,9 +478,10 @@ def _collect_rows(
     rows: dict[str, list[np.ndarray]],
 ) -> None:
     """Append one frame's columns to ``rows`` (the record's HDF5 columns; ``frame`` is the
-    frame's index whatever ``cols`` holds)."""
+    frame's index whatever ``cols`` holds; a column with an ``absent`` value may be missing)."""
     spec = [c for c in columns_of(record) if c.hdf5]
     n = len(np.asarray(cols[next(c.name for c in spec if c.wire == "required")]))
+    cols = fill_absent(record, cols, n)
     for c in spec:
         if c.name == "frame":
             rows[c.name].append(np.full(n, index, dtype=np.int64))

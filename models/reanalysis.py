@@ -62,7 +62,8 @@ BLOCK_ROWS = 1 << 20
 IDENTITY_FRAMES = 8
 _HDF5_MAGIC = b"\x89HDF\r\n\x1a\n"
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-_STATE_VERSION = 1
+#: 2: the rows gained the fit's columns (`ROW_DTYPE`); a journal of version 1 starts over.
+_STATE_VERSION = 2
 
 
 class ReanalysisError(FocaltrackError, ValueError):

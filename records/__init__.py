@@ -12,11 +12,12 @@ from focaltrack.records.columns import (
     columns_of,
     concat,
     csv_columns,
+    fill_absent,
     hdf5_columns,
     to_columns,
 )
 from focaltrack.records.frames import FrameMeta
-from focaltrack.records.localizations import Localizations
+from focaltrack.records.localizations import Localizations, LocFlag
 from focaltrack.records.tracks import STATUS_CODES, Tracks, TrackStatus
 from focaltrack.records.wire import (
     SCHEMA_VERSIONS,
@@ -33,6 +34,7 @@ __all__ = [
     "WIRE_SCHEMA_VERSION",
     "Column",
     "FrameMeta",
+    "LocFlag",
     "LocHeader",
     "Localizations",
     "TrackHeader",
@@ -42,6 +44,7 @@ __all__ = [
     "columns_of",
     "concat",
     "csv_columns",
+    "fill_absent",
     "hdf5_columns",
     "to_columns",
 ]

@@ -27,6 +27,7 @@ __all__ = [
     "concat",
     "csv_columns",
     "csv_rows",
+    "fill_absent",
     "hdf5_columns",
     "to_columns",
 ]
@@ -57,6 +58,9 @@ class Column:
     csv_format: str = "%.6g"
     #: The codes of an enum column (stored as its codes, sent and written as its values).
     enum: type[Enum] | None = None
+    #: The value of every row where a source lacks the column: a file written, or columns
+    #: given by name, before the column existed (`fill_absent`). None: always present.
+    absent: Any = None
     #: ``"float"``, ``"int"`` or ``"enum"``: how the wire and CSV write it (from the above).
     kind: Literal["float", "int", "enum"] = field(init=False)
 
@@ -76,11 +80,13 @@ def column(
     csv_format: str = "%.6g",
     enum: type[Enum] | None = None,
     default: Any = dataclasses.MISSING,
+    absent: Any = None,
 ) -> Any:
     """A dataclass field carrying its `Column` (the name is taken from the attribute);
     ``default``: the value of a field that callers may leave out; such a field is keyword-only,
-    so that columns without a default can still be added after it."""
-    spec = Column("", dtype, unit, doc, wire, hdf5, csv, csv_format, enum)
+    so that columns without a default can still be added after it. ``absent``: see
+    `Column.absent`."""
+    spec = Column("", dtype, unit, doc, wire, hdf5, csv, csv_format, enum, absent)
     if default is dataclasses.MISSING:
         return dataclasses.field(metadata={_KEY: spec})
     return dataclasses.field(default=default, kw_only=True, metadata={_KEY: spec})
@@ -125,6 +131,16 @@ def to_columns(record: Any) -> dict[str, np.ndarray]:
         elif v.ndim != 1:
             values[c.name] = v.reshape(-1)
     return values
+
+
+def fill_absent(record: Any, cols: Mapping[str, Any], n: int) -> dict[str, Any]:
+    """``cols`` (by name, ``n`` rows) with each column of the record that it lacks and that
+    has an `absent <Column.absent>` value added as that value on every row."""
+    out = dict(cols)
+    for c in columns_of(record):
+        if c.absent is not None and c.name not in out:
+            out[c.name] = np.full(n, c.absent, dtype=np.dtype(c.dtype))
+    return out
 
 
 def concat(records: Iterable[Any], cls: type[Any] | None = None) -> dict[str, np.ndarray]:

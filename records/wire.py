@@ -18,7 +18,7 @@ from typing import Any, Literal, TypedDict, cast
 
 import numpy as np
 
-from focaltrack.records.columns import Column, check_lengths, columns_of, to_columns
+from focaltrack.records.columns import Column, check_lengths, columns_of, fill_absent, to_columns
 from focaltrack.records.localizations import Localizations
 from focaltrack.records.tracks import Tracks
 
@@ -67,6 +67,12 @@ class _LocRequired(TypedDict):
     y_um: list[float | None]
     z_um: list[float | None]
     score: list[float | None]
+    sigma_x_um: list[float | None]
+    sigma_y_um: list[float | None]
+    sigma_z_um: list[float | None]
+    photons: list[float | None]
+    background: list[float | None]
+    flags: list[int]
 
 
 class LocHeader(_LocRequired, total=False):
@@ -161,9 +167,17 @@ def _encode(c: Column, values: Any) -> list[Any]:
 
 def wire_columns(record: Any, cols: Mapping[str, Any]) -> dict[str, list[Any]]:
     """The wire columns of a record class from ``cols`` (by field name; an optional column
-    may be absent), encoded for JSON; ValueError if their lengths differ."""
+    may be absent, and a column with an `absent <Column.absent>` value is that value where
+    ``cols`` lacks it), encoded for JSON; ValueError if their lengths differ."""
     out: dict[str, list[Any]] = {}
-    for c in columns_of(record):
+    specs = columns_of(record)
+    if any(c.absent is not None and c.name not in cols for c in specs):
+        first = next(c.name for c in specs if c.wire == "required" and c.name in cols)
+        rows = cols[first]
+        if not hasattr(rows, "__len__"):  # an iterator: read it once
+            cols = {**cols, first: list(rows)}
+        cols = fill_absent(record, cols, len(cols[first]))
+    for c in specs:
         if c.wire is None or (c.wire == "optional" and c.name not in cols):
             continue
         out[c.name] = _encode(c, cols[c.name])

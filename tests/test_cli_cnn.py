@@ -12,6 +12,7 @@ import tifffile
 from cnn_fixtures import PIXEL_UM, photons_for_peak_snr, random_scene, render_frame
 
 from focaltrack.daemon.cli import main
+from focaltrack.records import Localizations, csv_columns
 
 SHAPE = (128, 160)
 
@@ -121,7 +122,7 @@ def test_localize_hdf5_to_h5(trained, frames, tmp_path):
                  "--dataset", "acq/frames"]) == 0  # fmt: skip
     with h5py.File(out, "r") as f:
         g = f["localizations"]
-        assert set(g) == {"frame", "x_um", "y_um", "z_um", "score"}
+        assert set(g) == set(csv_columns(Localizations))  # the fit's columns too
         assert g.attrs["calibration_sha256"]
         assert len(g["frame"]) == len(g["x_um"]) > 0
     # the only 3-D dataset is found without --dataset

@@ -197,7 +197,7 @@ def test_shipped_client_schemas_accept_fields_a_later_revision_adds() -> None:
     tracks = P.track_header(seq=0, frame=4, t_acq_s=1.0, stage_z_um=0.0,
                             columns=_track_columns(2))  # fmt: skip
     later = {
-        "loc": dict(_loc(0), photons=[900.0, 1200.0, 700.0]),
+        "loc": dict(_loc(0), fit_iterations=[9, 12, 7]),
         "track": dict(tracks, sigma_vx_um_s=[1.0, 2.0]),
         "hb": dict(_hb(), temperature_c=21.5),
         "event": dict(P.event_header(seq=0, kind="job", job=dict(job, eta_s=4.0)), host="a"),
