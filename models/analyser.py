@@ -79,6 +79,9 @@ class FrameAnalyser:
         known = math.isfinite(focus)
         xyz = defocus_to_depth(locs.xyz_um, focus) if known else locs.xyz_um
         tracks = self.tracker.update_frame(
-            xyz, t_acq_s, np.asarray(locs.score) if with_scores else None
+            xyz,
+            t_acq_s,
+            np.asarray(locs.score) if with_scores else None,
+            locs.sigma_xyz_um,  # σ is the same in absolute depth: z ↦ f − z keeps it
         )
         return tracks_at_focus(tracks, focus) if known else tracks

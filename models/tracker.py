@@ -13,10 +13,10 @@ Per frame:
 1. **Predict** every track to ``t_s`` with the step ``dt = t_s − t_prev`` (frame timestamps,
    so a dropped frame is just a longer step). Times must strictly increase.
 2. **Gate**: squared Mahalanobis distance ``d² = yᵀ S⁻¹ y`` of every localization from every
-   track's predicted position (``S = H P Hᵀ + R``); pairs with ``d²`` above the χ²(3) quantile
-   of ``gate_probability`` are forbidden. Only pairs inside the gate's bounding box are
-   evaluated (a sorted-window search along x or y), so the work grows with the candidates,
-   not with tracks × localizations.
+   track's predicted position (``S = H P Hᵀ + R``, R that localization's own: see below);
+   pairs with ``d²`` above the χ²(3) quantile of ``gate_probability`` are forbidden. Only
+   pairs inside the gate's bounding box are evaluated (a sorted-window search along x or y),
+   so the work grows with the candidates, not with tracks × localizations.
 3. **Assign** globally with `scipy.optimize.linear_sum_assignment`, confirmed tracks first,
    then tentative ones on what is left. Leaving a track and a localization unassigned costs
    the gate threshold, so any gated pair is better than none, but a track that clearly owns a
@@ -24,11 +24,19 @@ Per frame:
    track gates and that gate only one localization are assigned without the solver; small
    ambiguous clusters are solved densely one by one, a large ambiguous set (a flood of
    detections) in one sparse solve (`min_weight_full_bipartite_matching`).
-4. **Update** assigned tracks (Joseph form); unassigned tracks coast on their prediction.
+4. **Update** assigned tracks (Joseph form, with the localization's R); unassigned tracks
+   coast on their prediction.
 5. **Lifecycle**: unassigned localizations start tentative tracks; a tentative track becomes
    confirmed once it has ``confirm_hits`` hits within its first ``confirm_window`` frames, and
    is deleted as soon as that is no longer possible; a confirmed track is deleted at its
    ``max_misses``-th consecutive miss.
+
+Measurement noise: R of a localization is diag(σ²) of its own σ per axis (``sigma_xyz_um``:
+the fit's Cramér–Rao bound, floored at ``localization_sigma_floor_um``) where it is given
+and finite and ``use_localization_sigma`` holds, else the configured ``sigma_lateral_um`` /
+``sigma_axial_um``; a track born from a localization starts with that R as its position
+covariance. A precise localization pulls its track harder and narrows it more; an uncertain
+one has a wider gate and moves its track less.
 
 Bad input: rows with NaN or infinite coordinates are dropped and counted
 (`rejected_count`), never reaching a filter; an empty frame only advances the tracks; a
@@ -51,6 +59,7 @@ from scipy.optimize import linear_sum_assignment
 from scipy.sparse import coo_matrix, csr_matrix
 from scipy.sparse.csgraph import connected_components, min_weight_full_bipartite_matching
 
+from focaltrack.models.kalman_batch import innovation_cov, inv_sym3, kf_update
 from focaltrack.models.track_types import Track, TrackFrame, TrackTable
 from focaltrack.models.tracker_config import (
     ACCEL_REFERENCE_S,
@@ -196,13 +205,23 @@ class KalmanTracker:
         return len(self._state.id)
 
     def update(
-        self, xyz_um: np.ndarray, t_s: float, scores: np.ndarray | None = None
+        self,
+        xyz_um: np.ndarray,
+        t_s: float,
+        scores: np.ndarray | None = None,
+        sigma_xyz_um: np.ndarray | None = None,
     ) -> list[Track]:
-        """Advance to time ``t_s`` with this frame's (N, 3) localizations; return live tracks."""
-        return self.update_frame(xyz_um, t_s, scores).tracks()
+        """Advance to time ``t_s`` with this frame's (N, 3) localizations; return live tracks.
+        ``sigma_xyz_um``: (N, 3) each localization's σ per axis, µm (NaN where unknown), its
+        measurement noise (module docstring)."""
+        return self.update_frame(xyz_um, t_s, scores, sigma_xyz_um).tracks()
 
     def update_frame(
-        self, xyz_um: np.ndarray, t_s: float, scores: np.ndarray | None = None
+        self,
+        xyz_um: np.ndarray,
+        t_s: float,
+        scores: np.ndarray | None = None,
+        sigma_xyz_um: np.ndarray | None = None,
     ) -> TrackFrame:
         """As `update`, returning columns (faster; what the service and the CLI use)."""
         c = self.config
@@ -214,6 +233,7 @@ class KalmanTracker:
                 f"frame times must strictly increase: got t={t_s!r} s after t={self._t!r} s"
             )
         z, idx, stats = self._clean(xyz_um, scores)
+        rv = c.measurement_variances_um2(sigma_xyz_um, stats.n_input)[idx]  # (n, 3) diag R
         st = self._state
         dt = 0.0 if self._t is None else t_s - self._t
         self._t = t_s
@@ -238,9 +258,8 @@ class KalmanTracker:
 
         # 2.-3. gate and assign
         track_of = np.full(len(z), -1, dtype=np.int64)  # localization -> track row
-        sinv = _inv_sym3(st.p[:, :3, :3] + self._r)
         if n_t and len(z):
-            rows, cols, d2 = self._gate_pairs(st, z, sinv, stats)
+            rows, cols, d2 = self._gate_pairs(st, z, rv, stats)
             conf = st.confirmed[rows]
             r1, c1 = self._assign(rows[conf], cols[conf], d2[conf], stats)
             track_of[c1] = r1
@@ -255,7 +274,9 @@ class KalmanTracker:
         # 4. update assigned tracks (Joseph form, as filterpy.KalmanFilter.update)
         if len(assigned):
             rws = track_of[assigned]
-            x_new, p_new = _kf_update(st.x[rws], st.p[rws], z[assigned], self._r, sinv[rws])
+            r_a = rv[assigned]
+            sinv = inv_sym3(innovation_cov(st.p[rws], r_a))
+            x_new, p_new = kf_update(st.x[rws], st.p[rws], z[assigned], r_a, sinv)
             st.x[rws] = x_new
             st.p[rws] = p_new
 
@@ -292,9 +313,11 @@ class KalmanTracker:
             ids = np.arange(self._next_id, self._next_id + nb, dtype=np.int64)
             self._next_id += nb
             one = np.ones(nb, dtype=np.int64)
+            pb = np.broadcast_to(self._p0, (nb, c.dim_x, c.dim_x)).copy()
+            pb[:, [0, 1, 2], [0, 1, 2]] = rv[births]  # the localization's own R
             born = _State(
                 xb,
-                np.broadcast_to(self._p0, (nb, c.dim_x, c.dim_x)).copy(),
+                pb,
                 ids,
                 one,
                 one,
@@ -405,46 +428,56 @@ class KalmanTracker:
         return z[idx], idx, stats
 
     def _gate_pairs(
-        self, st: _State, z: np.ndarray, sinv: np.ndarray, stats: UpdateStats
+        self, st: _State, z: np.ndarray, rv: np.ndarray, stats: UpdateStats
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(track row, localization, d²) for every pair inside the gate whose update would
-        leave the track's speed at most ``max_speed_um_s``.
+        leave the track's speed at most ``max_speed_um_s``; ``rv``: (N, 3) each
+        localization's R (diagonal), so S = P + R per pair.
 
         Pre-gate on one lateral axis: inside the gate ``|y_a| ≤ √(gate · S_aa)`` for every
         axis a, so sorting the localizations along x (or y) and cutting a window per track
-        finds every candidate in O((T + N) log N + candidates) instead of T × N.
+        finds every candidate in O((T + N) log N + candidates) instead of T × N. The window
+        takes the largest R of the localizations it searches: those are searched in groups
+        of R within a factor 4, so one uncertain localization widens only its group's.
         """
         m = st.x[:, :3]
-        s_diag = st.p[:, [0, 1, 2], [0, 1, 2]] + np.diag(self._r)
-        half = np.sqrt(self._gate * s_diag)  # (T, 3) half-widths of the gate's bounding box
+        p_diag = st.p[:, [0, 1, 2], [0, 1, 2]]
         ax = 0 if np.ptp(z[:, 0]) >= np.ptp(z[:, 1]) else 1
-        order = np.argsort(z[:, ax], kind="stable")
-        zs = z[order, ax]
-        lo = np.searchsorted(zs, m[:, ax] - half[:, ax], side="left")
-        hi = np.searchsorted(zs, m[:, ax] + half[:, ax], side="right")
-        counts = hi - lo
-        total = int(counts.sum())
-        if total == 0:
+        r_ax = rv[:, ax]
+        group = np.floor(np.log2(r_ax / r_ax.min()) / 2).astype(np.int64)
+        parts_r, parts_c = [], []
+        for g in np.unique(group).tolist():  # one group unless the localizations' σ differ
+            sel = np.flatnonzero(group == g)
+            order = sel[np.argsort(z[sel, ax], kind="stable")]
+            zs = z[order, ax]
+            half = np.sqrt(self._gate * (p_diag[:, ax] + r_ax[sel].max()))
+            lo = np.searchsorted(zs, m[:, ax] - half, side="left")
+            hi = np.searchsorted(zs, m[:, ax] + half, side="right")
+            counts = hi - lo
+            total = int(counts.sum())
+            if total:
+                offs = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
+                parts_r.append(np.repeat(np.arange(len(m)), counts))
+                parts_c.append(order[np.repeat(lo, counts) + offs])
+        if not parts_r:
             e = np.zeros(0, dtype=np.int64)
             return e, e, np.zeros(0)
-        rows = np.repeat(np.arange(len(m)), counts)
-        offs = np.arange(total) - np.repeat(np.cumsum(counts) - counts, counts)
-        cols = order[np.repeat(lo, counts) + offs]
+        rows, cols = np.concatenate(parts_r), np.concatenate(parts_c)
         y = z[cols] - m[rows]
-        inbox = np.all(np.abs(y) <= half[rows], axis=1)
+        inbox = np.all(y * y <= self._gate * (p_diag[rows] + rv[cols]), axis=1)
         rows, cols, y = rows[inbox], cols[inbox], y[inbox]
-        si = sinv[rows]
-        d2 = np.einsum("ka,kab,kb->k", y, si, y)
+        sinv = inv_sym3(innovation_cov(st.p[rows], rv[cols]))
+        d2 = np.einsum("ka,kab,kb->k", y, sinv, y)
         keep = d2 <= self._gate
         rows, cols, d2 = rows[keep], cols[keep], d2[keep]
         if self._max_speed2 < math.inf and len(rows):
             # The velocity this pair's update would give (x' = x + K y, K = P Hᵀ S⁻¹, as
-            # `_kf_update`). The position gate alone admits any speed the velocity
+            # `kf_update`). The position gate alone admits any speed the velocity
             # uncertainty allows: a new track's (init_velocity_std_um_s per axis), or a
             # coasting track's, whose covariance grows every missed frame; one wrong
             # association then gives it a velocity no emitter has, and it coasts away on it.
             y = y[keep]
-            kv = st.p[rows, 3:6, :3] @ si[keep]
+            kv = st.p[rows, 3:6, :3] @ sinv[keep]
             v = st.x[rows, 3:6] + np.einsum("kab,kb->ka", kv, y)
             ok = np.einsum("ka,ka->k", v, v) <= self._max_speed2
             stats.n_speed_refused = int(len(ok) - ok.sum())
@@ -532,44 +565,6 @@ class KalmanTracker:
         return TrackFrame(t, ids, xyz, vel, cov, status, age, hits, misses, li)
 
 
-def _inv_sym3(s: np.ndarray) -> np.ndarray:
-    """Inverses of a stack of symmetric positive-definite 3×3 matrices (cofactors)."""
-    a, b, c = s[:, 0, 0], s[:, 0, 1], s[:, 0, 2]
-    d, e, f = s[:, 1, 1], s[:, 1, 2], s[:, 2, 2]
-    c00 = d * f - e * e
-    c01 = c * e - b * f
-    c02 = b * e - c * d
-    c11 = a * f - c * c
-    c12 = b * c - a * e
-    c22 = a * d - b * b
-    det = a * c00 + b * c01 + c * c02
-    if np.any(~(det > 0)):
-        raise FloatingPointError("innovation covariance is not positive definite")
-    out = np.empty_like(s)
-    out[:, 0, 0], out[:, 0, 1], out[:, 0, 2] = c00, c01, c02
-    out[:, 1, 0], out[:, 1, 1], out[:, 1, 2] = c01, c11, c12
-    out[:, 2, 0], out[:, 2, 1], out[:, 2, 2] = c02, c12, c22
-    out /= det[:, None, None]
-    return out
-
-
-def _kf_update(
-    x: np.ndarray, p: np.ndarray, z: np.ndarray, r: np.ndarray, sinv: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Batched `filterpy` update with H = [I₃ 0]: K = P Hᵀ S⁻¹, Joseph-form covariance
-    P' = (I − KH) P (I − KH)ᵀ + K R Kᵀ, symmetrised."""
-    k = p[:, :, :3] @ sinv  # (n, d, 3)
-    y = z - x[:, :3]
-    x_new = x + (k @ y[:, :, None])[:, :, 0]
-    kt = k.transpose(0, 2, 1).copy()
-    ap = p - k @ p[:, :3, :]  # (I − KH) P
-    # (I − KH) P (I − KH)ᵀ = AP − AP Hᵀ Kᵀ;  K R Kᵀ with R diagonal
-    p_new = ap - ap[:, :, :3] @ kt + (k * np.diag(r)) @ kt
-    p_new += p_new.transpose(0, 2, 1)
-    p_new *= 0.5
-    return x_new, p_new
-
-
 def _concat(a: _State, b: _State) -> _State:
     return _State(
         np.concatenate([a.x, b.x]),
@@ -583,16 +578,20 @@ def _concat(a: _State, b: _State) -> _State:
 
 
 def link_iter(
-    frames: Iterable[tuple[float, np.ndarray]] | Iterable[tuple[float, np.ndarray, np.ndarray]],
+    frames: Iterable[tuple[float, np.ndarray]]
+    | Iterable[tuple[float, np.ndarray, np.ndarray]]
+    | Iterable[tuple[float, np.ndarray, np.ndarray | None, np.ndarray]],
     config: TrackerConfig | None = None,
 ) -> Iterator[TrackFrame]:
-    """Track a stream of ``(t_s, xyz_um)`` or ``(t_s, xyz_um, scores)`` frames, yielding
-    each frame's `TrackFrame` as it is processed (trackpy's ``link_iter`` for Kalman tracks)."""
+    """Track a stream of ``(t_s, xyz_um)``, ``(t_s, xyz_um, scores)`` or ``(t_s, xyz_um,
+    scores, sigma_xyz_um)`` frames, yielding each frame's `TrackFrame` as it is processed
+    (trackpy's ``link_iter`` for Kalman tracks)."""
     tracker = KalmanTracker(config)
     for item in frames:
         t_s, xyz = item[0], item[1]
         scores = item[2] if len(item) > 2 else None
-        yield tracker.update_frame(xyz, t_s, scores)
+        sigma = item[3] if len(item) > 3 else None
+        yield tracker.update_frame(xyz, t_s, scores, sigma)
 
 
 def link_table(
@@ -607,6 +606,7 @@ def link_table(
     frame_range: tuple[int, int] | None = None,
     stage_z_um: np.ndarray | None = None,
     frame_meta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    sigma_xyz_um: np.ndarray | None = None,
 ) -> TrackTable:
     """Track a whole table of localizations (one row each, grouped by ``frame``).
 
@@ -625,6 +625,9 @@ def link_table(
     ``frame_meta=(frames, t_s, stage_z_um)``: exactly the frames to process, with their times
     and focus (a recording's analysed frames; ``t_s``, ``fps`` and ``stage_z_um`` are then
     not given). Rows of other frames are an error.
+
+    ``sigma_xyz_um``: (N, 3) each localization's σ per axis, µm (NaN where unknown), its
+    measurement noise where finite (`KalmanTracker.update_frame`).
     """
     # The analyser imports this module; it is the one place that turns a frame's
     # localizations and focus into tracks, live and here.
@@ -695,6 +698,12 @@ def link_table(
     if sz is not None and len(sz) != len(frame):
         raise ValueError(f"{len(sz)} stage positions for {len(frame)} localizations")
     sz = None if sz is None else sz[order]
+    sig = None
+    if sigma_xyz_um is not None:
+        sig = np.asarray(sigma_xyz_um, dtype=np.float64).reshape(-1, 3)
+        if len(sig) != len(frame):
+            raise ValueError(f"{len(sig)} localization σ rows for {len(frame)} localizations")
+        sig = sig[order]
     analyser = FrameAnalyser(None, tracker)
     parts: list[tuple[int, TrackFrame]] = []
     focus = math.nan
@@ -712,12 +721,16 @@ def link_table(
         else:
             a = b = 0
         p = xyz[order[a:b]]
+        s = np.full((b - a, 3), math.nan) if sig is None else sig[a:b]
         locs = Localizations(
             f,
             p[:, 0],
             p[:, 1],
             p[:, 2],
             np.ones(b - a) if sc is None else sc[a:b],
+            sigma_x_um=s[:, 0],
+            sigma_y_um=s[:, 1],
+            sigma_z_um=s[:, 2],
             stage_z_um=focus,
         )
         try:

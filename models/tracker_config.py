@@ -79,6 +79,16 @@ class TrackerConfig:
         0.3, "measurement noise, standard deviation per lateral axis (x and y each), µm"
     )
     sigma_axial_um: float = _param(1.5, "measurement noise, standard deviation along z, µm")
+    use_localization_sigma: bool = _param(
+        True,
+        "take a localization's own σ (its fit's sigma_x_um, sigma_y_um, sigma_z_um, where "
+        "finite) as its measurement noise instead of sigma_lateral_um / sigma_axial_um",
+    )
+    localization_sigma_floor_um: float = _param(
+        0.02,
+        "a localization's own σ is used as at least this (the model and calibration errors "
+        "that the fit's Cramér–Rao bound leaves out), µm",
+    )
     # The continuous-time spectral density is ``q = accel_um_s2² × 1 s`` (µm²/s³) per axis,
     # so over an interval T the velocity drifts by ``accel_um_s2 · √(T · 1 s)`` (one standard
     # deviation) whatever the frame rate: 100 µm/s² lets the velocity wander ~10 µm/s per
@@ -134,7 +144,14 @@ class TrackerConfig:
         for name, value in positive.items():
             if not (math.isfinite(value) and value > 0):
                 raise TrackerConfigError((name,), f"{name} must be a positive number, got {value}")
+        use = self.use_localization_sigma
+        if not isinstance(use, bool | np.bool_):
+            raise TrackerConfigError(
+                ("use_localization_sigma",),
+                f"use_localization_sigma must be true or false, got {use!r}",
+            )
         for name, value in {
+            "localization_sigma_floor_um": self.localization_sigma_floor_um,
             "accel_um_s2": self.accel_um_s2,
             "diffusion_um2_s": self.diffusion_um2_s,
             "max_speed_um_s": self.max_speed_um_s,
@@ -207,8 +224,24 @@ class TrackerConfig:
         return 6 if self.motion is MotionModel.CONSTANT_VELOCITY else 3
 
     def measurement_noise_um2(self) -> np.ndarray:
-        """R, the (3, 3) measurement covariance in µm²."""
+        """R, the (3, 3) measurement covariance in µm² (of a localization without its own σ)."""
         return np.diag([self.sigma_lateral_um**2, self.sigma_lateral_um**2, self.sigma_axial_um**2])
+
+    def measurement_variances_um2(self, sigma_xyz_um: np.ndarray | None, n: int) -> np.ndarray:
+        """(n, 3) the diagonal of each localization's R, µm²: its own σ per axis squared
+        (at least ``localization_sigma_floor_um``) where ``use_localization_sigma`` and that
+        σ is finite and positive, else the configured noise (`measurement_noise_um2`)."""
+        r = np.tile(np.diag(self.measurement_noise_um2()), (n, 1))
+        if sigma_xyz_um is None or not self.use_localization_sigma:
+            return r
+        s = np.asarray(sigma_xyz_um, dtype=np.float64)
+        if s.shape != (n, 3):
+            raise ValueError(f"localization σ must be ({n}, 3) (x, y, z in µm), got {s.shape}")
+        floor = self.localization_sigma_floor_um
+        with np.errstate(over="ignore", invalid="ignore"):
+            v = np.maximum(s, floor) ** 2
+        own = np.isfinite(v) & (v > 0) & (s > 0)  # NaN compares False: not its own
+        return np.where(own, v, r)
 
     def transition(self, dt_s: float) -> tuple[np.ndarray, np.ndarray]:
         """F and Q for a step of ``dt_s`` seconds (state order x, y, z[, vx, vy, vz])."""

@@ -266,6 +266,8 @@ def test_service_and_track_make_equal_tracker_configs(tmp_path, validation):
         "motion": "random_walk",
         "sigma_lateral_um": 0.25,
         "sigma_axial_um": 0.0,  # from the model, or the default
+        "use_localization_sigma": False,
+        "localization_sigma_floor_um": 0.05,
         "accel_um_s2": 50.0,
         "diffusion_um2_s": 3.0,
         "init_velocity_std_um_s": 80.0,
@@ -282,12 +284,15 @@ def test_service_and_track_make_equal_tracker_configs(tmp_path, validation):
     assert set(settings) == {f for f in TrackerConfig.__dataclass_fields__}
     cfg = load_config(None, env={}, overrides={f"tracker.{k}": v for k, v in settings.items()})
     service = tracker_config(cfg.tracker, meta)
-    options = [s for k, v in settings.items() for s in ("--" + k.replace("_", "-"), str(v))]
+    options = [f"--no-{k.replace('_', '-')}" for k, v in settings.items() if v is False]
+    options += [s for k, v in settings.items() if v is not False
+                for s in ("--" + k.replace("_", "-"), str(v))]  # fmt: skip
     if validation is not None:
         options += ["--model", str(bundle)]
     track = config_from_args(_track_args(*options))
     assert service == track
     assert service.motion is MotionModel.RANDOM_WALK and service.max_tracks == 300
+    assert service.use_localization_sigma is False and service.localization_sigma_floor_um == 0.05
     assert service.sigma_lateral_um == 0.25
     assert service.sigma_axial_um == (2.0 if validation else TrackerConfig().sigma_axial_um)
 

@@ -1,12 +1,14 @@
 """``focaltrack track``: link a localization table into Kalman tracks, offline.
 
-Input: the localizer's CSV (``frame,x_um,y_um,z_um[,score][,t_s][,stage_z_um],...``; other
-columns are ignored), or a recording of the service (HDF5). Frame times come from ``t_s``
-when the column exists, otherwise ``--fps`` gives them as ``frame / fps``. With the frames'
-focus (``stage_z_um``; a recording has it in ``frame_meta``) the tracks are linked in
-absolute depth as the live service links them (`focaltrack.models.analyser`): a recording
-gives the tracks the service recorded. Output: ``.csv`` or ``.h5``, one row per live track
-per frame.
+Input: the localizer's CSV (``frame,x_um,y_um,z_um[,score][,t_s][,stage_z_um]
+[,sigma_x_um,sigma_y_um,sigma_z_um],...``; other columns are ignored), or a recording of the
+service (HDF5). A localization's σ columns, where given and finite, are its measurement noise
+in the tracker (``--use-localization-sigma``, the default; docs/tracking.md). Frame times
+come from ``t_s`` when the column exists, otherwise ``--fps`` gives them as ``frame / fps``.
+With the frames' focus (``stage_z_um``; a recording has it in ``frame_meta``) the tracks are
+linked in absolute depth as the live service links them (`focaltrack.models.analyser`): a
+recording gives the tracks the service recorded. Output: ``.csv`` or ``.h5``, one row per
+live track per frame.
 See docs/tracking.md for the model, the parameters and both file formats.
 """
 
@@ -31,6 +33,7 @@ from focaltrack.common.files import atomic_path
 from focaltrack.daemon.argtypes import positive_float
 from focaltrack.records import STATUS_CODES, Tracks, columns_of, csv_columns
 from focaltrack.records.columns import csv_rows
+from focaltrack.records.localizations import SIGMA_COLUMNS
 
 if TYPE_CHECKING:
     from focaltrack.models.tracker import TrackerConfig, TrackTable
@@ -108,6 +111,9 @@ def add_tracker_arguments(p: argparse.ArgumentParser) -> None:
         if isinstance(default, Enum):
             kw.update(type=_motion, metavar="|".join(m.value for m in type(default)))
             shown = f"default {default.value}; cv, rw for short"
+        elif isinstance(default, bool):  # --name / --no-name
+            kw.update(action=argparse.BooleanOptionalAction)
+            shown = f"default {'on' if default else 'off'}"
         else:
             kw.update(type=type(default), metavar="N" if type(default) is int else "X")
             shown = f"default {default:g}"
@@ -225,6 +231,8 @@ class LocalizationTable:
     t_s: np.ndarray | None  # (n,)
     score: np.ndarray | None  # (n,)
     stage_z_um: np.ndarray | None = None  # (n,) the focus of each row's frame
+    #: (n, 3) each localization's σ per axis (NaN where unknown), where the input has them.
+    sigma_xyz_um: np.ndarray | None = None
     #: A recording's analysed frames as ``(frames, t_s, stage_z_um)``: exactly the frames
     #: the live service tracked, with their times and focus (see `read_recording`).
     frame_meta: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
@@ -253,6 +261,7 @@ def read_recording(path: Path) -> LocalizationTable:
         frame = np.asarray(g["frame"][()], dtype=np.int64)
         xyz = np.stack([np.asarray(g[c][()], dtype=np.float64) for c in REQUIRED[1:]], 1)
         score = np.asarray(g["score"][()], dtype=np.float64)
+        sigma = _sigma_columns({c: g[c][()] for c in SIGMA_COLUMNS if c in g}, len(frame))
         tracked = np.asarray(f["tracks/frame"][()], dtype=np.int64) if "tracks" in f else frame
         idx = np.asarray(m["index"][()], dtype=np.int64)
         t = np.asarray(m["t_acq_s"][()], dtype=np.float64)
@@ -266,6 +275,17 @@ def read_recording(path: Path) -> LocalizationTable:
         score=score,
         frame_meta=(idx[keep], t[keep], z[keep]),
         field_um=field,
+        sigma_xyz_um=sigma,
+    )
+
+
+def _sigma_columns(found: dict[str, Any], n: int) -> np.ndarray | None:
+    """(n, 3) σ from the σ columns an input has (an axis it lacks is NaN); None if none."""
+    if not found:
+        return None
+    nan = np.full(n, math.nan)
+    return np.stack(
+        [np.asarray(found.get(c, nan), dtype=np.float64).reshape(n) for c in SIGMA_COLUMNS], 1
     )
 
 
@@ -302,7 +322,7 @@ def read_localizations(path: Path) -> LocalizationTable:
                 f"{path}: missing column(s) {', '.join(missing)}; "
                 f"need {','.join(REQUIRED)} (found {','.join(header)})"
             )
-        optional = ("t_s", "score", "stage_z_um")
+        optional = ("t_s", "score", "stage_z_um", *SIGMA_COLUMNS)
         col = {name: header.index(name) for name in (*REQUIRED, *optional) if name in header}
         frames: list[int] = []
         values: list[list[float]] = []
@@ -341,6 +361,7 @@ def read_localizations(path: Path) -> LocalizationTable:
         t_s=get.get("t_s"),
         score=get.get("score"),
         stage_z_um=get.get("stage_z_um"),
+        sigma_xyz_um=_sigma_columns({c: get[c] for c in SIGMA_COLUMNS if c in get}, len(arr)),
     )
 
 
@@ -436,6 +457,7 @@ def run(args: argparse.Namespace) -> int:
         tracker=tracker,
         stage_z_um=locs.stage_z_um,
         frame_meta=locs.frame_meta,
+        sigma_xyz_um=locs.sigma_xyz_um,
     )
     if args.confirmed_only:
         table = table.ever_confirmed()
