@@ -1,4 +1,8 @@
-"""The evaluation report: the targets checked, results.json, README.md and the plots."""
+"""The evaluation report: the targets checked, results.json, README.md and the plots.
+
+The bounds columns (`focaltrack.models.evaluate_bounds`: √CRLB, RMSE / √CRLB, the ideal
+recall) appear where the evaluation had a calibration to compute them from.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import numpy as np
 
 from focaltrack.common.files import clean, fmt, write_text_atomic
 from focaltrack.common.version import __version__
+from focaltrack.models.evaluate_bounds import IDEAL_SNR, bounds_by_depth, plot_depth
 from focaltrack.models.evaluate_scoring import PointResult, tol_text
 from focaltrack.models.metrics import tolerance_key
 from focaltrack.sim.render import Geometry, Microscope
@@ -60,6 +65,8 @@ class Report:
         default_factory=lambda: datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     )
     wall_s: float = 0.0
+    #: `focaltrack.models.evaluate_bounds.BoundModel.info` (None: no bounds computed)
+    bounds: dict[str, Any] | None = None
 
     def experiment(self, name: str) -> list[PointResult]:
         return [p for p in self.points if p.spec.experiment == name]
@@ -143,6 +150,9 @@ class Report:
                 "axial_by_depth": axial_by_depth(iso[0], self.paper_tol, self.geometry),
                 "axial_abs_error_quantiles_um": abs_error_quantiles(iso[0], self.paper_tol),
             }
+        if self.bounds is not None:
+            for name, exp in experiments.items():
+                exp["bounds_by_depth"] = self._bounds_by_depth(name)
         g = self.geometry
         return clean(
             {
@@ -166,10 +176,21 @@ class Report:
                     "z_ref_um": g.z_ref_um,
                 },
                 "settings": _dc(self.settings),
+                "bounds": self.bounds,
                 "checks": self.checks(),
                 "experiments": experiments,
             }
         )
+
+    def _bounds_by_depth(self, name: str) -> list[dict[str, Any]]:
+        """Each point's RMSE and √CRLB per depth slab at the first tolerance."""
+        out = []
+        for p in self.experiment(name):
+            if p.bounds is not None:
+                rows = p.pairs[self.paper_tol]
+                slabs = bounds_by_depth(rows, p.bounds, self.geometry.z_range_um)
+                out.append({"label": p.spec.label, "slabs": slabs})
+        return out
 
 
 def _dc(obj: Any) -> dict[str, Any]:
@@ -183,7 +204,7 @@ def _version() -> str:
 
 def abs_error_quantiles(point: PointResult, key: str) -> dict[str, float]:
     """Median and 90th percentile of |Δz| over matched pairs: RMSE without its outliers."""
-    ez = np.abs(point.pairs.get(key, np.zeros((0, 6)))[:, 5])
+    ez = np.abs(point.pairs.get(key, np.zeros((0, 7)))[:, 5])
     if not len(ez):
         return {"p50": float("nan"), "p90": float("nan")}
     return {"p50": float(np.quantile(ez, 0.5)), "p90": float(np.quantile(ez, 0.9))}
@@ -193,7 +214,7 @@ def axial_by_depth(
     point: PointResult, key: str, geometry: Geometry, n_bins: int = 10
 ) -> list[dict[str, Any]]:
     """Axial RMSE and bias of matched pairs in depth slabs (where along z it fails)."""
-    rows = point.pairs.get(key, np.zeros((0, 6)))
+    rows = point.pairs.get(key, np.zeros((0, 7)))
     z0, z1 = geometry.z_range_um
     edges = np.linspace(z0, z1, n_bins + 1)
     out = []
@@ -237,6 +258,25 @@ def _table(points: list[PointResult], first: str, key: str) -> list[str]:
             f"| {_fmt(s['precision'])} | {_fmt(s['recall'])} | {s['tp']} | {s['fp']} "
             f"| {s['fn']} | {_fmt(s['rmse_lateral_um'])} | {_fmt(s['rmse_axial_um'])} "
             f"| {_fmt(s['rmse_3d_um'])} |"
+        )
+    return lines
+
+
+def _bounds_table(points: list[PointResult], first: str, key: str) -> list[str]:
+    lines = [
+        f"| {first} | J | recall | ideal recall | RMSE lat µm | √CRLB lat µm (alone) "
+        "| RMSE/√CRLB lat | RMSE ax µm | √CRLB ax µm (alone) | RMSE/√CRLB ax |",
+        "|" + "---|" * 10,
+    ]
+    for p in points:
+        s = p.scores[key]
+        ideal = None if p.bounds is None else p.bounds.ideal_recall
+        lines.append(
+            f"| {p.spec.label} | {_fmt(s['jaccard'])} | {_fmt(s['recall'])} | {_fmt(ideal)} "
+            f"| {_fmt(s['rmse_lateral_um'])} | {_fmt(s.get('crlb_lat_um'))} "
+            f"({_fmt(s.get('crlb1_lat_um'))}) | {_fmt(s.get('rmse_crlb_lat'), 2)} "
+            f"| {_fmt(s['rmse_axial_um'])} | {_fmt(s.get('crlb_ax_um'))} "
+            f"({_fmt(s.get('crlb1_ax_um'))}) | {_fmt(s.get('rmse_crlb_ax'), 2)} |"
         )
     return lines
 
@@ -286,6 +326,22 @@ def markdown(report: Report) -> str:
         "also gives the image SNR, 10·log10(Σ signal² / Σ noise variance) over all pixels "
         "of all frames, for comparison with image-level definitions.",
         "",
+    ]
+    b = d.get("bounds")
+    if b:
+        out += [
+            "**Bounds** (docs/evaluation.md). √CRLB: the Cramér–Rao bound of the calibration "
+            "model (its spline PSF, Poisson + read noise), all emitters of a frame and its "
+            "background jointly, RMS over the matched emitters (in brackets: each emitter "
+            "alone); lateral √(σx² + σy²) as the lateral RMSE. Ideal recall: the share of all "
+            f"emitters whose known-position matched-filter SNR √(Σ s² / v) is ≥ {IDEAL_SNR:g} "
+            "(v: the expected frame, all emitters and background, plus read noise). Windows "
+            f"{b['window_px'][0]} × {b['window_px'][1]} px; photon scale "
+            f"{b['photon_scale']:.4f} (the simulator's light in the window over the model's; "
+            f"{100 * b['photometry_max_dev']:.1f} % apart at worst across depth).",
+            "",
+        ]
+    out += [
         "## Targets",
         "",
         "| check | measured | at | threshold | pass |",
@@ -319,6 +375,9 @@ def markdown(report: Report) -> str:
         for key in tols:
             out += ["", f"Tolerance {tol_text(key)}:", ""]
             out += _table(pts, first, key)
+        if any(p.bounds is not None for p in pts):
+            out += ["", f"What physics allows (tolerance {tol_text(report.paper_tol)}):", ""]
+            out += _bounds_table(pts, first, report.paper_tol)
         if name == "isolated":
             out += [
                 "",
@@ -349,15 +408,20 @@ def markdown(report: Report) -> str:
     ]
     if report.experiment("isolated"):
         out += ["![Isolated emitters](isolated.png)", ""]
+    if any(p.bounds is not None for p in report.experiment("snr")):
+        out += ["![RMSE and the Cramér–Rao bound against depth](depth.png)", ""]
     return "\n".join(out)
 
 
 def summary_text(report: Report) -> str:
     """A compact table for the terminal (paper tolerance and the tighter one)."""
     tols = [tolerance_key(t) for t in report.settings.tolerances_um]
+    bounds = report.bounds is not None
     head = f"{'experiment':<9} {'point':<16}" + "".join(
         f" {'J@' + k:>9} {'lat':>6} {'ax':>6} {'3D':>6}" for k in tols
     )
+    if bounds:
+        head += f" {'ideal':>6} {'lat/CR':>6} {'ax/CR':>6}"
     lines = [head, "-" * len(head)]
     for p in report.points:
         row = f"{p.spec.experiment:<9} {p.spec.label:<16}"
@@ -367,8 +431,21 @@ def summary_text(report: Report) -> str:
                 f" {s['jaccard']:>9.3f} {_fmt(s['rmse_lateral_um'], 2):>6} "
                 f"{_fmt(s['rmse_axial_um'], 2):>6} {_fmt(s['rmse_3d_um'], 2):>6}"
             )
+        if bounds:
+            s = p.scores[tols[0]]
+            ideal = None if p.bounds is None else p.bounds.ideal_recall
+            row += (
+                f" {_fmt(ideal, 3):>6} {_fmt(s.get('rmse_crlb_lat'), 2):>6} "
+                f"{_fmt(s.get('rmse_crlb_ax'), 2):>6}"
+            )
         lines.append(row)
-    lines.append("RMSE in µm over matched pairs. Checks:")
+    lines.append("RMSE in µm over matched pairs.")
+    if bounds:
+        lines.append(
+            f"ideal: ideal recall (matched-filter SNR ≥ {IDEAL_SNR:g}); lat/CR, ax/CR: RMSE "
+            f"over the joint Cramér–Rao bound's RMS √CRLB, at {tol_text(tols[0])}."
+        )
+    lines.append("Checks:")
     for c in report.checks():
         lines.append(
             f"  [{'PASS' if c['pass'] else 'FAIL'}] {c['name']}: {_fmt(c['measured'])} "
@@ -485,7 +562,7 @@ def plot(report: Report, out_dir: Path) -> list[Path]:
     iso = report.experiment("isolated")
     if iso:
         key = report.paper_tol
-        rows = iso[0].pairs.get(key, np.zeros((0, 6)))
+        rows = iso[0].pairs.get(key, np.zeros((0, 7)))
         fig = Figure(figsize=(11, 4.2), layout="constrained")
         a1, a2 = fig.subplots(1, 2)
         a1.scatter(rows[:, 2], rows[:, 5], s=6, alpha=0.5, label="matched emitter")
@@ -522,6 +599,9 @@ def plot(report: Report, out_dir: Path) -> list[Path]:
         path = out_dir / "isolated.png"
         fig.savefig(path, dpi=110)
         written.append(path)
+    depth = plot_depth(report, out_dir)
+    if depth is not None:
+        written.append(depth)
     return written
 
 

@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from focaltrack.models.metrics import MatchResult, match_frames, pooled_summary, tolerance_key
 from focaltrack.sim.snr import Exposure
+
+if TYPE_CHECKING:
+    from focaltrack.models.evaluate_bounds import PointBounds
 
 __all__ = [
     "FrameLocalizer",
@@ -75,7 +78,10 @@ class PointResult:
     seconds_per_frame: float
     saturated_pixel_fraction: float
     scores: dict[str, dict[str, Any]]  # tolerance label → summary
-    pairs: dict[str, np.ndarray] = field(default_factory=dict)  # tolerance → (K, 6) t, e
+    # tolerance → (K, 7): truth x, y, z, error x, y, z, the truth's index in the point
+    pairs: dict[str, np.ndarray] = field(default_factory=dict)
+    #: Cramér–Rao bounds and matched-filter SNR of the point's emitters (None: no model)
+    bounds: PointBounds | None = None
 
     def to_json(self) -> dict[str, Any]:
         s = self.spec
@@ -90,6 +96,7 @@ class PointResult:
             "image_snr_db": self.image_snr_db,
             "seconds_per_frame": self.seconds_per_frame,
             "saturated_pixel_fraction": self.saturated_pixel_fraction,
+            "ideal_recall": None if self.bounds is None else self.bounds.ideal_recall,
             "scores": self.scores,
         }
 
@@ -140,11 +147,13 @@ def score_frames_with_ci(
 ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]]:
     """`focaltrack.models.metrics` pooled scores per tolerance, plus frame-bootstrap 95 %
     intervals (``ci95``) and, per tolerance, the matched pairs as rows (truth x, y, z,
-    error x, y, z). An RMSE without any match is ``None``, as in `pooled_summary`.
+    error x, y, z, the truth's index among all frames' truths concatenated). An RMSE
+    without any match is ``None``, as in `pooled_summary`.
     """
     rng = rng if rng is not None else np.random.default_rng(0)
     scores: dict[str, dict[str, Any]] = {}
     pairs: dict[str, np.ndarray] = {}
+    starts = np.cumsum([0] + [len(t) for t in truths])[:-1]
     for tol in tolerances_um:
         key = tolerance_key(tol)
         per_frame = match_frames(preds, truths, tol)
@@ -154,8 +163,8 @@ def score_frames_with_ci(
         s["ci95"] = _bootstrap_ci(per_frame, rng)
         scores[key] = s
         rows = [
-            np.column_stack([t[r.true_idx], r.errors_um])
-            for r, t in zip(per_frame, truths, strict=True)
+            np.column_stack([t[r.true_idx], r.errors_um, r.true_idx + first])
+            for r, t, first in zip(per_frame, truths, starts, strict=True)
         ]
-        pairs[key] = np.concatenate(rows, axis=0) if rows else np.zeros((0, 6))
+        pairs[key] = np.concatenate(rows, axis=0) if rows else np.zeros((0, 7))
     return scores, pairs

@@ -350,9 +350,13 @@ def test_cli_end_to_end_with_a_bundle(untrained_bundle, tmp_path, capsys):
     assert d["model"]["z_range_um"] == [0.0, 100.0] and d["model"]["z_step_um"] == 2.0
     assert d["geometry"]["z_range_um"] == [0.0, 100.0]
     assert [p["snr_db"] for p in d["experiments"]["snr"]["points"]] == [0.0, 10.0, 30.0]
-    for name in ("README.md", "snr.png", "density.png", "isolated.png"):
+    for name in ("README.md", "snr.png", "density.png", "isolated.png", "depth.png"):
         assert (out / name).is_file()
     assert "J@10um" in captured.out and "Checks" in captured.out
+    # the bounds of the bundle's calibration (docs/evaluation.md), ideal recall at every point
+    assert d["bounds"]["window_px"] == [128, 128] and "lat/CR" in captured.out
+    ideal = [p["ideal_recall"] for p in d["experiments"]["snr"]["points"]]
+    assert all(0.0 <= v <= 1.0 for v in ideal) and ideal == sorted(ideal)
 
 
 def test_cli_options_reach_the_settings(untrained_bundle, tmp_path):
@@ -361,14 +365,16 @@ def test_cli_options_reach_the_settings(untrained_bundle, tmp_path):
     argv = ["evaluate", "--model", str(path), "--out", str(out), "--quick", "--frames", "1"]
     argv += ["--isolated-frames", "0", "--snr-db", "5", "--densities", "3", "--seed", "4"]
     argv += ["--tolerances-um", "8,1", "--background-photons", "5", "--threads", "1"]
-    assert main(argv) == 0
+    assert main([*argv, "--no-bounds"]) == 0
     d = json.loads((out / "results.json").read_text())
     st = d["settings"]
     assert st["frames"] == 1 and st["seed"] == 4 and st["tolerances_um"] == [8.0, 1.0]
+    assert st["bounds"] is False and d["bounds"] is None
     assert set(d["experiments"]) == {"snr", "density"}
     (p,) = d["experiments"]["density"]["points"]
     assert p["n_emitters"] == 3 and p["background_photons"] == 5.0
     assert set(p["scores"]) == {"8um", "1um"}
+    assert p["ideal_recall"] is None and "crlb_lat_um" not in p["scores"]["8um"]
 
 
 def test_cli_incomplete_bundle(tmp_path, capsys):
