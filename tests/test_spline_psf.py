@@ -77,7 +77,8 @@ def test_not_a_knot_reproduces_cubics() -> None:
 def test_passes_through_the_stack() -> None:
     rng = np.random.default_rng(1)
     stack = gaussian_stack(Z) + 1e-3 * rng.standard_normal((len(Z), WINDOW, WINDOW))
-    psf = SplinePSF(calibration(stack, Z), dtype=torch.float64)
+    # (the noise added here stays: the spline interpolates the stack it is given)
+    psf = SplinePSF(calibration(stack, Z), dtype=torch.float64, denoise=False)
     # an emitter at frame (40, 30) puts the window's centre pixel on that pixel
     for k in (0, 3, len(Z) - 1):
         got = at(psf, 40.0, 30.0, float(Z[k]), (30 - 15, 40 - 15), WINDOW).value[0].numpy()
@@ -149,3 +150,20 @@ def test_render_puts_each_emitter_light_in_the_frame() -> None:
     assert frame.shape == (64, 80)
     assert float(frame[:45, :45].sum()) == pytest.approx(1000.0 + 100.0 * 0.25, rel=0.02)
     assert float(frame[:, 45:].sum()) == pytest.approx(500.0, rel=0.02)
+
+
+def test_a_noisy_stack_is_denoised_and_a_clean_one_kept() -> None:
+    # a bead stack's empty pixels are noise: the model (`denoise`, the default) is nearer
+    # the noise-free spot than the stack, and a stack without noise is kept as it is
+    rng = np.random.default_rng(3)
+    clean = gaussian_stack(Z, window=63)
+    noisy = clean + 2e-4 * rng.standard_normal(clean.shape)
+    for stack, err_max in ((clean, 1e-9), (noisy, None)):
+        psf = SplinePSF(calibration(stack, Z), dtype=torch.float64)
+        got = np.stack([at(psf, 31.0, 31.0, float(z), (0, 0), 63).value[0].numpy() for z in Z])
+        err = np.sqrt(((got - clean) ** 2).mean())
+        if err_max is not None:
+            assert psf.noise_level < 1e-12 and err < err_max
+        else:
+            assert psf.noise_level == pytest.approx(2e-4, rel=0.1)
+            assert err < 0.5 * np.sqrt(((noisy - clean) ** 2).mean())
