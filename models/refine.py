@@ -59,6 +59,9 @@ WINDOW_SIZES = (16, 24, 32, 48, 64, 96, 128)
 Z_SEARCH_STEPS = (-2.0, -1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.5, 2.0)
 #: The x, y starts tried around each (px), see `_search`.
 XY_SEARCH_PX = (-1.0, 0.0, 1.0)
+#: Jacobi sweeps of the photons and backgrounds before any position moves (see
+#: `SplineRefiner._amplitudes_in_crowd`).
+AMPLITUDE_SWEEPS = 6
 WINDOW_MARGIN_PX = 3  # beyond the light's radius: room for the start to be a pixel off
 
 
@@ -159,6 +162,7 @@ class SplineRefiner:
             theta[rows] = _amplitudes(
                 self.psf, theta[rows], origin, (side, side), _gather(e, flat), inside
             )
+        theta = self._amplitudes_in_crowd(e, theta, groups, shape)
         step = self.psf.z_step_um
         for offsets in (
             [(0.0, 0.0, dz * step) for dz in Z_SEARCH_STEPS],
@@ -173,13 +177,16 @@ class SplineRefiner:
             total = self._total(shape, windows)
             fits = []
             for (side, rows), (origin, flat, inside, own) in zip(groups, windows, strict=True):
-                data = _gather(e, flat) - _gather(total, flat) + own
+                # the neighbours' light is known (held) but still noise: as the read
+                # noise, it is added to the model's variance (`mle`'s sCMOS form), so
+                # each fit maximises the frame's likelihood over its own emitter
+                neighbours = (_gather(total, flat) - own).clamp_min(0.0)
                 f = fit_windows(
                     self.psf,
-                    data.reshape(-1, side, side),
+                    (_gather(e, flat) - neighbours).reshape(-1, side, side),
                     origin,
                     theta[rows],
-                    read_var=read_var,
+                    read_var=(read_var + neighbours).reshape(-1, side, side),
                     inside=inside.reshape(-1, side, side),
                     max_iter=self.max_iter,
                     tol=self.tol,
@@ -188,6 +195,45 @@ class SplineRefiner:
                 theta[rows] = torch.where(ok, f.theta.to(theta.dtype), theta[rows])
                 fits.append((rows, f))
         return self._result(raw, st, theta, fits)
+
+    def _amplitudes_in_crowd(
+        self,
+        e: torch.Tensor,
+        theta: torch.Tensor,
+        groups: list[tuple[int, torch.Tensor]],
+        shape: tuple[int, int],
+    ) -> torch.Tensor:
+        """Photons and background of every emitter at its position, each against the frame
+        less its neighbours (`AMPLITUDE_SWEEPS` Jacobi sweeps, halfway steps: overlapping
+        windows of a crowd first count their neighbours' light as their own)."""
+        windows = [self._window(theta[rows], side, shape) for side, rows in groups]
+        unit = [
+            (w[3] / theta[rows, 3].clamp_min(1e-6)[:, None]).detach()
+            for w, (_, rows) in zip(windows, groups, strict=True)
+        ]
+        for _ in range(AMPLITUDE_SWEEPS):
+            total = self._total(
+                shape,
+                [
+                    (w[0], w[1], w[2], u * theta[rows, 3, None])
+                    for w, u, (_, rows) in zip(windows, unit, groups, strict=True)
+                ],
+            )
+            new = theta.clone()
+            for (_, rows), (_, flat, inside, _), u in zip(groups, windows, unit, strict=True):
+                own = u * theta[rows, 3, None]
+                data = _gather(e, flat) - (_gather(total, flat) - own)
+                m = inside.to(data.dtype)
+                v, d = u * m, data * m
+                svv, sv, s1 = (v * v).sum(1), v.sum(1), m.sum(1)
+                svd, sd = (v * d).sum(1), d.sum(1)
+                det = (svv * s1 - sv * sv).clamp_min(1e-12)
+                n_ls = ((s1 * svd - sv * sd) / det).clamp_min(1.0)
+                bg_ls = ((svv * sd - sv * svd) / det).clamp_min(0.0)
+                new[rows, 3] = 0.5 * (theta[rows, 3] + n_ls)
+                new[rows, 4] = 0.5 * (theta[rows, 4] + bg_ls)
+            theta = new
+        return theta
 
     def _search(
         self,
@@ -215,7 +261,9 @@ class SplineRefiner:
         out = theta.clone()
         for (side, rows), (origin, flat, inside, own) in zip(groups, windows, strict=True):
             b = len(rows)
-            data = (_gather(e, flat) - _gather(total, flat) + own).repeat_interleave(k, 0)
+            neighbours = (_gather(total, flat) - own).clamp_min(0.0)
+            data = (_gather(e, flat) - neighbours).repeat_interleave(k, 0)
+            var = (read_var + neighbours).repeat_interleave(k, 0)
             cand = theta[rows].repeat_interleave(k, 0)
             cand[:, :3] += off.repeat(b, 1)
             cand[:, 2] = cand[:, 2].clamp(z0, z1)
@@ -226,8 +274,8 @@ class SplineRefiner:
             p = self.psf.evaluate(
                 cand[:, 0], cand[:, 1], cand[:, 2], org, (side, side), derivatives=False
             )
-            mu = p.value.reshape(b * k, -1) * cand[:, 3, None] + cand[:, 4, None] + read_var
-            d = (data + read_var).clamp_min(0.0)
+            mu = p.value.reshape(b * k, -1) * cand[:, 3, None] + cand[:, 4, None] + var
+            d = (data + var).clamp_min(0.0)
             ll = (_log_likelihood_terms(d, mu) * ins).sum(1).reshape(b, k)
             best = ll.argmax(1)
             out[rows] = cand.reshape(b, k, -1)[torch.arange(b, device=self.device), best]
@@ -245,7 +293,8 @@ class SplineRefiner:
         p = self.psf.evaluate(
             theta[:, 0], theta[:, 1], theta[:, 2], origin, (side, side), derivatives=False
         )
-        own = p.value.reshape(len(theta), -1) * photons[:, None] * inside
+        v = p.value.reshape(len(theta), -1)
+        own = v * photons[:, None] * inside
         return origin, flat, inside, own
 
     @staticmethod
