@@ -59,7 +59,8 @@ def load_model(
             device=a.device or None,
             threads=a.threads or None,
             pixel_size_um=pixel_size_um,
-            passes=a.passes,
+            passes=a.passes or None,
+            fit=None if a.fit == "model" else a.fit,
         )
     except (LocalizerError, ValueError) as e:
         raise ProtocolError(ErrorCode.BAD_ARGS, f"model {name!r}: {e}") from e

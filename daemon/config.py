@@ -146,12 +146,24 @@ class AnalysisConfig:
     queue_frames: int = _s(2, "frames waiting for analysis before the oldest is dropped", minimum=1)
     device: str = _s("", "torch device for inference (cpu, cuda, cuda:1); empty = automatic")
     threads: int = _s(0, "CPU threads for inference; 0 = automatic", minimum=0)
+    # Both default to the model's own setting (its bundle's ``decode`` block), which is also
+    # what `focaltrack localize` and `focaltrack evaluate` run without options: one analysis,
+    # live and offline, unless a setting here says otherwise.
     passes: int = _s(
-        1,
-        "localizer passes live: 1 = the networks alone (real time); 2 = also fit, subtract "
-        "and search the residual (finds crowded emitters, ~5x slower on a CPU)",
-        minimum=1,
+        0,
+        "localizer passes live: 0 = the model's setting (what localize runs by default); "
+        "1 = the networks alone; 2 = also fit, subtract and search the residual (finds "
+        "crowded emitters)",
+        minimum=0,
         maximum=4,
+    )
+    fit: str = _s(
+        "model",
+        "last localizer step live: model = the model's setting (what localize runs by "
+        "default); spline = Poisson maximum-likelihood fit of the calibration (positions "
+        "at the photons' precision, each with its sigma, photons and flags); none = the "
+        "networks' positions (fast, no sigma)",
+        choices=("model", "spline", "none"),
     )
 
 

@@ -103,7 +103,8 @@ class Histogram:
         i = int(np.searchsorted(np.cumsum(self.counts), rank))
         if i >= len(self.counts) - 1:
             return self.max_s * 1000.0
-        return round(min((i + 0.5) * self.BIN_S, self.max_s) * 1000.0, 3)
+        # rounded to the µs, but never above the exact max (rounding could put it there)
+        return min(round((i + 0.5) * self.BIN_S * 1000.0, 3), self.max_s * 1000.0)
 
     def max_ms(self) -> float | None:
         return self.max_s * 1000.0 if self.n else None
@@ -235,6 +236,7 @@ def run_soak(
     device: str = "",
     threads: int = 0,
     passes: int = 1,
+    fit: str = "spline",
     stream: IO[str] = sys.stdout,
 ) -> dict[str, Any]:
     """Soak ``model`` live for ``duration_s`` (see the module doc); prints progress and a
@@ -303,6 +305,7 @@ def run_soak(
         device=device,
         threads=threads,
         passes=passes,
+        fit=fit,
         pixel_size_um=optics.pixel_size_um,
     ) as (ep, ctl):
         sub = Subscriber(ep["pub"], topics=("loc", "track", "hb"), rcvhwm=SUB_HWM)
@@ -366,6 +369,7 @@ def run_soak(
         "model": str(model),
         "device": dev_text,
         "localizer_passes": passes,
+        "localizer_fit": fit,
         "camera": camera,
         "size_px": size,
         "emitters": n_emitters,

@@ -17,7 +17,16 @@ Per frame (DESIGN.md "Data flow"):
    each get their own position; a bundle without offsets (schema 1) uses the lateral
    detector's sub-pixel position for every peak;
 7. duplicates (one emitter found from two windows) within ``merge_px`` laterally and
-   ``merge_um`` axially are merged, keeping the higher score.
+   ``merge_um`` axially are merged, keeping the higher score;
+8. with ``passes`` ≥ 2: the found emitters are fitted (least squares of the PSF table),
+   subtracted, and the networks run again on the residual, finding emitters their
+   neighbours hid;
+9. the last step (``fit="spline"``, the default): every emitter fitted by Poisson maximum
+   likelihood of the calibration's cubic spline, from the networks' positions
+   (`focaltrack.models.refine`): each localization at the photons' precision with its
+   σ_x, σ_y, σ_z (the Cramér–Rao bound at the fit), photons, background and flags; those
+   the fit cannot tell from noise (photons under ``min_significance`` σ) are dropped.
+   ``fit="none"``: the networks' (or the residual passes') positions, flagged NOT_FITTED.
 
 ``score`` = lateral probability × min(1, axial mass), in [0, 1].
 Coordinates: x = column × pixel size, y = row × pixel size (centre of pixel (0, 0) is
@@ -42,9 +51,11 @@ from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.bundle import ModelBundle, load_bundle
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.psf_fit import PSFFit, PSFFitter
+from focaltrack.models.refine import SplineRefiner
 from focaltrack.records import Localizations as Localizations  # the localizer's result type
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative
+FIT_CHOICES = ("spline", "none")
 
 
 class LocalizerError(FocaltrackError, ValueError):
@@ -75,6 +86,12 @@ class DecodeSettings:
     # passes ≥ 2: an emitter whose fitted amplitude is less than this many standard errors
     # above zero is dropped (`PSFFitter.significance`): most false positives, few emitters
     min_significance: float = 6.0
+    # the last step: "spline" fits every localization by Poisson maximum likelihood of the
+    # calibration's spline PSF (`focaltrack.models.refine`: positions at the photons'
+    # precision, each with its σ, photons, background and flags); "none" reports the
+    # networks' (one pass) or the residual passes' least-squares positions, flagged
+    # NOT_FITTED
+    fit: str = "spline"
 
     @classmethod
     def from_meta(cls, d: dict[str, Any] | None) -> DecodeSettings:
@@ -127,6 +144,7 @@ class Localizer:
         pixel_size_um: float | None = None,
         force: bool = False,
         passes: int | None = None,
+        fit: str | None = None,
     ) -> None:
         self.device = torch.device(device or default_device())
         if self.device.type == "cpu":
@@ -154,6 +172,10 @@ class Localizer:
             if int(passes) < 1:
                 raise LocalizerError(f"passes must be ≥ 1, got {passes}")
             self.decode = DecodeSettings(**{**_asdict(self.decode), "passes": int(passes)})
+        if fit is not None:
+            self.decode = DecodeSettings(**{**_asdict(self.decode), "fit": fit})
+        if self.decode.fit not in FIT_CHOICES:
+            raise LocalizerError(f"fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
         self.lateral: LateralNet = bundle.lateral
         self.axial: AxialNet = bundle.axial
         cl = torch.channels_last
@@ -170,6 +192,7 @@ class Localizer:
         synth = self.meta.get("training", {}).get("settings", {}).get("synth", {})
         self.offset_scale = float(synth.get("axial_label_radius_px", 1.0))
         self._fitter: PSFFitter | None = None
+        self._refiner: SplineRefiner | None = None
 
     @classmethod
     def from_bundle(
@@ -181,10 +204,12 @@ class Localizer:
         pixel_size_um: float | None = None,
         force: bool = False,
         passes: int | None = None,
+        fit: str | None = None,
     ) -> Localizer:
         """Load a bundle. ``pixel_size_um``: the frames' pixel size, checked against the
         model's (1 % tolerance) unless ``force``; ``passes``: overrides the bundle's (1: the
-        networks alone; ≥ 2: also fit, subtract and search the residual)."""
+        networks alone; ≥ 2: also fit, subtract and search the residual); ``fit``: the last
+        step, ``"spline"`` (default) or ``"none"`` (see `DecodeSettings.fit`)."""
         bundle = load_bundle(Path(path), device="cpu")
         return cls(
             bundle,
@@ -193,6 +218,7 @@ class Localizer:
             pixel_size_um=pixel_size_um,
             force=force,
             passes=passes,
+            fit=fit,
         )
 
     # ------------------------------------------------------------------ checks
@@ -234,15 +260,16 @@ class Localizer:
         frame_index: int = 0,
         threshold: float | None = None,
         passes: int | None = None,
+        fit: str | None = None,
     ) -> Localizations:
         """One (H, W) raw ADU frame → its localizations. ``threshold``: lateral detection
-        threshold (default: the bundle's, chosen on validation data); ``passes``: see
-        `localize_batch`."""
+        threshold (default: the bundle's, chosen on validation data); ``passes``, ``fit``:
+        see `localize_batch`."""
         a = np.asarray(frame)
         if a.ndim != 2:
             raise LocalizerError(f"a frame must be a 2-D (H, W) image, got shape {a.shape}")
         return self.localize_batch(
-            a[None], first_index=frame_index, threshold=threshold, passes=passes
+            a[None], first_index=frame_index, threshold=threshold, passes=passes, fit=fit
         )[0]
 
     def localize_batch(
@@ -252,10 +279,11 @@ class Localizer:
         first_index: int = 0,
         threshold: float | None = None,
         passes: int | None = None,
+        fit: str | None = None,
     ) -> list[Localizations]:
         """(N, H, W) raw ADU frames → one `Localizations` per frame. ``passes``: 1 for the
-        networks alone, ≥ 2 to fit, subtract and search the residual (default: the
-        bundle's setting)."""
+        networks alone, ≥ 2 to fit, subtract and search the residual; ``fit``: the last
+        step, ``"spline"`` or ``"none"`` (defaults: this localizer's settings)."""
         a = self.check_frames(frames)
         settings = self.decode
         over: dict[str, Any] = {}
@@ -265,15 +293,67 @@ class Localizer:
             if int(passes) < 1:
                 raise LocalizerError(f"passes must be ≥ 1, got {passes}")
             over["passes"] = int(passes)
+        if fit is not None:
+            if fit not in FIT_CHOICES:
+                raise LocalizerError(f"fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
+            over["fit"] = fit
         if over:
             settings = DecodeSettings(**{**_asdict(settings), **over})
         # only detections above the threshold go through the axial network
         x = self._input(a)
         cands = self._candidates(x, settings.lateral_threshold)
         locs = [self.to_localizations(c, first_index + i, settings) for i, c in enumerate(cands)]
+        if settings.passes == 1 and settings.fit == "none":
+            return locs
+        px = self.pixel_size_um
+        xyz = [np.stack([lc.x_um / px, lc.y_um / px, lc.z_um], 1) for lc in locs]
+        score = [np.asarray(lc.score) for lc in locs]
         if settings.passes > 1:
-            locs = self._refine(a, locs, settings)
-        return locs
+            xyz, score = self._residual_passes(a, xyz, score, settings)
+            if settings.fit == "none":
+                return self._least_squares(a, locs, xyz, score, settings)
+        return [
+            self._fit_spline(a[i], lc.frame, xyz[i], score[i], settings)
+            for i, lc in enumerate(locs)
+        ]
+
+    # ------------------------------------------------------------- the last step
+    @property
+    def refiner(self) -> SplineRefiner:
+        """The spline maximum-likelihood fit (built on first use)."""
+        if self._refiner is None:
+            self._refiner = SplineRefiner(self.calibration, device=self.device)
+        return self._refiner
+
+    def _fit_spline(
+        self,
+        frame: np.ndarray,
+        frame_index: int,
+        xyz_px: np.ndarray,
+        score: np.ndarray,
+        st: DecodeSettings,
+    ) -> Localizations:
+        """One frame's localizations fitted (`focaltrack.models.refine`); those the fit
+        cannot tell from noise (photons under ``min_significance`` σ) are dropped: the
+        networks' false positives, most of them."""
+        r = self.refiner.fit(frame, xyz_px)
+        if st.min_significance > 0 and len(score):
+            keep = r.significance >= st.min_significance
+            r, score = r.take(keep), score[keep]
+        px = self.pixel_size_um
+        return Localizations(
+            frame_index,
+            r.x_px * px,
+            r.y_px * px,
+            r.z_um,
+            score,
+            sigma_x_um=r.sigma_x_px * px,
+            sigma_y_um=r.sigma_y_px * px,
+            sigma_z_um=r.sigma_z_um,
+            photons=r.photons,
+            background=r.background,
+            flags=r.flags,
+        )
 
     # ------------------------------------------------------------ residual passes
     @property
@@ -284,21 +364,21 @@ class Localizer:
         return self._fitter
 
     @torch.inference_mode()
-    def _refine(
-        self, frames: np.ndarray, locs: list[Localizations], st: DecodeSettings
-    ) -> list[Localizations]:
-        """Fit what was found, subtract it, search the residual; repeat; report fitted
-        positions. Batched over frames for the networks, per frame for the fit."""
+    def _residual_passes(
+        self,
+        frames: np.ndarray,
+        xyz: list[np.ndarray],
+        score: list[np.ndarray],
+        st: DecodeSettings,
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Fit what was found (least squares of the PSF table), subtract it, search the
+        residual; repeat: every frame's emitters (x px, y px, z µm) and scores, the new
+        ones after the networks'. Batched over frames for the networks, per frame for the
+        fit."""
         fitter = self.fitter
         px = self.pixel_size_um
-        e = (
-            torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32, copy=False)).to(
-                self.device
-            )
-            - self.pre.offset_adu
-        ) * self.pre.gain_e_per_adu
-        xyz = [np.stack([lc.x_um / px, lc.y_um / px, lc.z_um], 1) for lc in locs]
-        score = [lc.score for lc in locs]
+        e = self._electrons(frames)
+        xyz, score = list(xyz), list(score)
         for _ in range(st.passes - 1):
             residual = torch.stack(
                 [
@@ -321,6 +401,26 @@ class Localizer:
                     found += int(new.sum())
             if not found:
                 break
+        return xyz, score
+
+    def _electrons(self, frames: np.ndarray) -> torch.Tensor:
+        a = torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32, copy=False))
+        return (a.to(self.device) - self.pre.offset_adu) * self.pre.gain_e_per_adu
+
+    @torch.inference_mode()
+    def _least_squares(
+        self,
+        frames: np.ndarray,
+        locs: list[Localizations],
+        xyz: list[np.ndarray],
+        score: list[np.ndarray],
+        st: DecodeSettings,
+    ) -> list[Localizations]:
+        """``fit="none"`` after residual passes: the PSF table's least-squares positions
+        (the method before the spline fit), flagged NOT_FITTED (no σ)."""
+        fitter = self.fitter
+        px = self.pixel_size_um
+        e = self._electrons(frames)
         out = []
         for i, lc in enumerate(locs):
             fit = self._fit(fitter, e[i], xyz[i], st, st.search_px)

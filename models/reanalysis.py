@@ -240,6 +240,7 @@ class AnalysisSpec:
     pixel_size_um: float | None = None
     force: bool = False
     passes: int | None = None
+    fit: str | None = None
     threshold: float | None = None
 
 
@@ -251,7 +252,15 @@ def localizer_for(spec: AnalysisSpec) -> Localizer:
     loads the model once, not once per chunk)."""
     from focaltrack.models.localizer import Localizer
 
-    key = (spec.model, spec.device, spec.threads, spec.pixel_size_um, spec.force, spec.passes)
+    key = (
+        spec.model,
+        spec.device,
+        spec.threads,
+        spec.pixel_size_um,
+        spec.force,
+        spec.passes,
+        spec.fit,
+    )
     loc = _LOCALIZERS.get(key)
     if loc is None:
         loc = Localizer.from_bundle(
@@ -261,6 +270,7 @@ def localizer_for(spec: AnalysisSpec) -> Localizer:
             pixel_size_um=spec.pixel_size_um,
             force=spec.force,
             passes=spec.passes,
+            fit=spec.fit,
         )
         _LOCALIZERS.clear()  # one model per process: a new one replaces the last
         _LOCALIZERS[key] = loc

@@ -221,11 +221,29 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument(
         "--passes",
         type=int,
-        default=1,
-        help="localizer passes, as the service's analysis.passes (default 1: networks alone)",
+        default=0,
+        help="localizer passes, as the service's analysis.passes (default 0: the model's "
+        "setting, what the service runs by default; 1: the networks alone)",
+    )
+    p.add_argument(
+        "--fit",
+        choices=("model", "spline", "none"),
+        default="model",
+        help="the localizer's last step, as the service's analysis.fit (default: the model's "
+        "setting; none: the networks' positions, the camera-rate configuration on a CPU)",
     )
     p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write JSON")
     p.set_defaults(func=run)
+
+
+def model_analysis(model: Path, passes: int, fit: str) -> tuple[int, str]:
+    """The passes and last step the service runs ``model`` with under ``analysis.passes``
+    and ``analysis.fit`` (0 and "model": the bundle's own setting, as `Localizer` reads it)."""
+    from focaltrack.models.bundle import read_meta
+    from focaltrack.models.localizer import DecodeSettings
+
+    dec = DecodeSettings.from_meta(read_meta(model).get("decode"))
+    return passes or dec.passes, dec.fit if fit == "model" else fit
 
 
 def find_model(model: Path | None, workspace: Path | None) -> Path:
@@ -284,11 +302,12 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--emitters must be 0..10000, got {args.emitters}")
     if args.threads < 0:
         raise ValueError(f"--threads must be ≥ 0, got {args.threads}")
-    if not 1 <= args.passes <= 4:
-        raise ValueError(f"--passes must be 1..4, got {args.passes}")
+    if not 0 <= args.passes <= 4:
+        raise ValueError(f"--passes must be 0..4, got {args.passes}")
     if args.json is not None and not args.json.parent.is_dir():
         raise ValueError(f"--json {args.json}: folder {args.json.parent} does not exist")
     model = find_model(args.model, args.workspace)
+    args.passes, args.fit = model_analysis(model, args.passes, args.fit)
     if not getattr(args, "verbose", 0):
         logging.getLogger("focaltrack").setLevel(logging.WARNING)
     if args.soak is not None:
@@ -304,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             threads=args.threads,
             passes=args.passes,
+            fit=args.fit,
             stream=sys.stdout,
         )
     else:
@@ -317,6 +337,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             threads=args.threads,
             passes=args.passes,
+            fit=args.fit,
             stream=sys.stdout,
         )
     if args.json is not None:
@@ -351,6 +372,7 @@ def run_bench(
     device: str = "",
     threads: int = 0,
     passes: int = 1,
+    fit: str = "spline",
     stream: IO[str] = sys.stdout,
 ) -> dict[str, Any]:
     """Benchmark ``model`` at each frame size; prints a table and returns a report."""
@@ -370,7 +392,10 @@ def run_bench(
         f"{duration_s:g} s per size after {WARMUP_S:g} s warm-up"
     )
     say(f"  model {model} ({(meta.get('training') or {}).get('preset', '?')} preset)")
-    say(f"  inference on {dev_text}, {passes} localizer pass{'es' if passes > 1 else ''}")
+    say(
+        f"  inference on {dev_text}, {passes} localizer pass{'es' if passes > 1 else ''}, "
+        f"last step: {'spline MLE fit' if fit == 'spline' else 'none'}"
+    )
     results: list[SizeResult] = []
     for size in sizes:
         say(f"  {size}×{size}: rendering {REPLAY_FRAMES} frames ...")
@@ -379,7 +404,7 @@ def run_bench(
         )
         render_ms = float(np.median(render_s) * 1000.0)
         say(f"  {size}×{size}: localizer alone ...")
-        loc_ms = _time_localizer(model, frames, device, threads, optics.pixel_size_um, passes)
+        loc_ms = _time_localizer(model, frames, device, threads, optics.pixel_size_um, passes, fit)
         say(f"  {size}×{size}: live pipeline for {duration_s:g} s ...")
         live = _live_run(
             model,
@@ -392,6 +417,7 @@ def run_bench(
             device=device,
             threads=threads,
             passes=passes,
+            fit=fit,
             pixel_size_um=optics.pixel_size_um,
         )
         results.append(
@@ -424,6 +450,7 @@ def run_bench(
         "model": str(model),
         "device": dev_text,
         "localizer_passes": passes,
+        "localizer_fit": fit,
         "camera": camera,
         "fps_asked": fps,
         "emitters": n_emitters,
@@ -448,6 +475,7 @@ def _time_localizer(
     threads: int,
     pixel_size_um: float,
     passes: int = 1,
+    fit: str = "spline",
 ) -> list[float]:
     """Milliseconds per frame of `Localizer.localize` alone (after a warm-up), as the service
     runs it: the model loaded on one thread, applied on another (the analysis thread).
@@ -461,6 +489,7 @@ def _time_localizer(
         threads=threads or None,
         pixel_size_um=pixel_size_um,
         passes=passes,
+        fit=fit,
     )
     out: list[float] = []
     errors: list[BaseException] = []
@@ -507,6 +536,7 @@ def _live_run(
     threads: int,
     pixel_size_um: float,
     passes: int = 1,
+    fit: str = "spline",
 ) -> dict[str, Any]:
     from focaltrack.daemon.client import Subscriber
 
@@ -520,6 +550,7 @@ def _live_run(
         device=device,
         threads=threads,
         passes=passes,
+        fit=fit,
         pixel_size_um=pixel_size_um,
     ) as (ep, ctl):
         sub = Subscriber(ep["pub"], topics=("loc",), rcvhwm=100000)
@@ -582,6 +613,7 @@ def bench_service(
     threads: int,
     passes: int,
     pixel_size_um: float,
+    fit: str = "spline",
 ) -> Iterator[tuple[dict[str, str], ControlClient]]:
     """The service in this process, on a throw-away workspace holding ``model`` (loaded),
     its camera the replay of ``frames`` or the simulator (``camera="sim"``), every socket on
@@ -613,6 +645,7 @@ def bench_service(
                 "analysis.device": device,
                 "analysis.threads": threads,
                 "analysis.passes": passes,
+                "analysis.fit": fit,
             },
         )
         if camera == "replay":

@@ -449,6 +449,11 @@ def demo_config(s: DemoSettings, workspace: Path) -> Any:
             "workspace.dir": str(workspace),
             "train.preset": s.preset,
             "train.seed": s.seed,
+            # the camera-rate configuration on a CPU (`localize --passes 1 --fit none`
+            # offline): the networks alone, no fit (the model's default fits every
+            # localization and runs a residual pass: a few frames/s on 2 cores)
+            "analysis.passes": 1,
+            "analysis.fit": "none",
         },
     )
 

@@ -125,6 +125,13 @@ def register(sub: Any) -> None:
         help="localizer passes (1: networks alone; 2+: fit, subtract, search the residual; "
         "default: the model's setting)",
     )
+    p.add_argument(
+        "--fit",
+        choices=("spline", "none"),
+        default=None,
+        help="the localizer's last step: spline (the Poisson MLE fit of the calibration) or "
+        "none (default: the model's setting)",
+    )
     p.add_argument("--device", default=None, help="torch device for the model (auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(func=run)
@@ -180,6 +187,7 @@ def _run(args: argparse.Namespace) -> int:
         threads=args.threads,
         pixel_size_um=mic.pixel_size_um,
         passes=args.passes,
+        fit=args.fit,
     )
     info = model_info(loc, model_dir)
     z = np.asarray(loc.z_um, dtype=float)

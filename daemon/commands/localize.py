@@ -2,7 +2,9 @@
 
 Inputs: a multi-page TIFF (every page a frame, in file order) or an HDF5 file (a 3-D
 dataset (N, H, W): ``--dataset NAME``, or the file's only 3-D dataset; a 2-D dataset is one
-frame). Output by extension: ``.csv`` (header ``frame,x_um,y_um,z_um,score``) or ``.h5``
+frame). Output by extension: ``.csv`` (header ``frame,x_um,y_um,z_um,score,sigma_x_um,sigma_y_um,
+sigma_z_um,photons,background,flags``: the fit's σ, photons, background and `LocFlag` bits,
+NaN and flag 1 where not fitted) or ``.h5``
 (one 1-D dataset per column in group ``localizations`` plus attributes naming the model,
 its calibration hash, pixel size and the input). ``frame`` is the 0-based index of the image
 in the input. A recording of the service (HDF5 with ``frame_meta/stage_z_um``) adds a last
@@ -69,7 +71,9 @@ def register(sub: Any) -> None:
         description=(
             "Apply a trained model bundle to raw camera frames (multi-page TIFF or HDF5) and "
             "write every localization: frame, x_um, y_um (pixel index × pixel size, centre of "
-            "pixel (0, 0) at 0), z_um (the calibration's convention), score."
+            "pixel (0, 0) at 0), z_um (the calibration's convention), score, and the fit's "
+            "sigma_x_um, sigma_y_um, sigma_z_um, photons, background and flags "
+            "(docs/protocol.md)."
         ),
     )
     p.add_argument("--model", required=True, type=Path, help="model bundle directory")
@@ -97,6 +101,13 @@ def register(sub: Any) -> None:
         help="1: the networks alone; 2 or more: also fit the calibration PSF to what was found, "
         "subtract it and search the rest again (finds emitters hidden by neighbours; slower). "
         "Default: the model's setting",
+    )
+    p.add_argument(
+        "--fit",
+        choices=("spline", "none"),
+        help="last step: spline (default) fits every localization by Poisson maximum likelihood "
+        "of the calibration (with its sigma, photons and flags); none keeps the networks' "
+        "positions (with --passes 2+: the residual passes' least-squares fit), no sigma",
     )
     p.add_argument("--device", help="cpu, cuda, cuda:N (default: CUDA if available)")
     p.add_argument("--threads", type=positive_int, help="CPU threads (default: all cores, ≤ 8)")
@@ -216,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
         pixel_size_um=pixel_size,
         force=args.force,
         passes=args.passes,
+        fit=args.fit,
     )
     source = reanalysis.open_frames(args.frames, args.dataset)
     if stated is None and args.pixel_size is None:  # after open_frames: a file to speak of
@@ -233,6 +245,7 @@ def run(args: argparse.Namespace) -> int:
         pixel_size_um=pixel_size,
         force=args.force,
         passes=args.passes,
+        fit=args.fit,
         threshold=args.threshold,
     )
     identity = {
@@ -242,6 +255,7 @@ def run(args: argparse.Namespace) -> int:
             "pixel_size_um": loc.pixel_size_um,
             "threshold": args.threshold,
             "passes": loc.decode.passes,
+            "fit": loc.decode.fit,
             "batch": args.batch,
             "format": args.out.suffix.lower(),
         },
