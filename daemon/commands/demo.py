@@ -558,6 +558,11 @@ def run_demo(s: DemoSettings, *, stream: IO[str] = sys.stdout) -> dict[str, Any]
         # ------------------------------------------------------------- 3. live
         _say(stream)
         _say(stream, f"3. live for {s.duration_s:g} s; subscribed to loc, track, hb:")
+        _say(
+            stream,
+            "   analysis: the networks alone (analysis.passes 1, fit none: camera rate on a "
+            "CPU; the model's default adds the spline fit and its σ, at a few frames/s here)",
+        )
         live = Subscriber(ep["pub"], topics=("loc", "track", "hb"))
         time.sleep(0.3)  # let the subscription reach the publisher (slow joiner)
         stats = LiveStats()
