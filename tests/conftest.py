@@ -146,3 +146,22 @@ def trained_model(
     finally:
         if own:
             run.stop()
+
+
+@pytest.fixture
+def scenes(monkeypatch):
+    """Every scene the evaluation draws, in order, for the oracle to read back."""
+    from collections import deque
+
+    from focaltrack.models import evaluate as ev
+
+    q: deque = deque()
+    real = ev.random_scene
+
+    def recording(*a, **k):
+        s = real(*a, **k)
+        q.append(s)
+        return s
+
+    monkeypatch.setattr(ev, "random_scene", recording)
+    return q

@@ -52,21 +52,6 @@ class Oracle:
         return xyz
 
 
-@pytest.fixture
-def scenes(monkeypatch):
-    """Every scene the evaluation draws, in order, for the oracle to read back."""
-    q: deque = deque()
-    real = ev.random_scene
-
-    def recording(*a, **k):
-        s = real(*a, **k)
-        q.append(s)
-        return s
-
-    monkeypatch.setattr(ev, "random_scene", recording)
-    return q
-
-
 def _quick(**kw):
     return ev.Settings.quick(**kw)
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import deque
 
 import numpy as np
 import pytest
@@ -189,19 +188,10 @@ def test_joint_fisher_is_the_finite_difference_one(small: BoundModel) -> None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def test_evaluation_reports_the_bounds(monkeypatch, tmp_path) -> None:
+def test_evaluation_reports_the_bounds(scenes, tmp_path) -> None:
     # an oracle with known errors on the simulator's frames and the 128-px fixture
     # calibration: every bound column is there and finite, the ratios are the RMSE over the
     # bound, more light gives a tighter bound and a higher ideal recall
-    scenes: deque = deque()
-    real = ev.random_scene
-
-    def recording(*a, **k):
-        s = real(*a, **k)
-        scenes.append(s)
-        return s
-
-    monkeypatch.setattr(ev, "random_scene", recording)
     rng = np.random.default_rng(3)
 
     class Oracle:
