@@ -335,7 +335,18 @@ class Localizer:
     ) -> Localizations:
         """One frame's localizations fitted (`focaltrack.models.refine`); those the fit
         cannot tell from noise (photons under ``min_significance`` σ) are dropped: the
-        networks' false positives, most of them."""
+        networks' false positives, most of them.
+
+        The fit starts where the least-squares fit of the PSF table puts each emitter
+        (`PSFFitter.fit`, with its whole-pixel search: up to 8 px for a lone ring 100 µm
+        deep, whose networks' position can be that far off and whose likelihood has
+        local optima a pixel apart): isolated bright emitters on `evaluate`'s frames
+        0.39 / 0.85 µm lateral / axial RMSE from the networks' positions, 0.15 / 0.36 µm
+        from these."""
+        if len(xyz_px):
+            e = self._electrons(frame[None])[0]
+            start = self._fit(self.fitter, e, xyz_px, st, st.search_px)
+            xyz_px = torch.stack([start.x_px, start.y_px, start.z_um], 1).double().cpu().numpy()
         r = self.refiner.fit(frame, xyz_px)
         if st.min_significance > 0 and len(score):
             keep = r.significance >= st.min_significance
