@@ -16,7 +16,7 @@ does (Li et al. 2018, Nat. Methods 15, 367; Smith et al. 2010, Nat. Methods 7, 3
   Σ ∂μ' ∂μ'ᵀ / μ', always positive semi-definite) with Marquardt's damping
   (I + λ diag I) δ = ∇ log L, a trial step accepted when the likelihood does not fall
   (λ / 10) and refused otherwise (λ · 10). A step moves x, y by at most 1 px and z by at most
-  one calibration step; photons and background may at most halve per step and stay ≥ 0.
+  one calibration step; photons may at most halve per step; the background stays ≥ 0.
 - Convergence: per fit, when the Newton decrement ∇ᵀ I⁻¹ ∇ (twice the likelihood a full
   step would still gain) is below ``tol`` per emitter — the fit is then within √tol of its
   own σ of the optimum —, or after ``max_iter`` trial steps. A converged fit stops
@@ -209,8 +209,8 @@ def _log_likelihood_terms(data: torch.Tensor, model: torch.Tensor) -> torch.Tens
 
 class _Bounds:
     """Step limits and bounds for groups of k emitters' θ (G, 5·k): ``lo``/``hi`` (G, k, 3)
-    bound x, y, z; ``max_step`` caps |δx|, |δy|, |δz|; photons and background at most halve
-    per step (so they stay ≥ 0)."""
+    bound x, y, z; ``max_step`` caps |δx|, |δy|, |δz|; photons at most halve per step (so
+    they stay > 0 and the position keeps its gradient); the background stops at 0."""
 
     def __init__(
         self, lo: torch.Tensor, hi: torch.Tensor, max_step: tuple[float, float, float]
@@ -225,17 +225,24 @@ class _Bounds:
         s = step.reshape(g, -1, N_PARAMS)
         xyz = t[..., :3] + torch.maximum(torch.minimum(s[..., :3], self.cap), -self.cap)
         xyz = torch.maximum(torch.minimum(xyz, self.hi[rows]), self.lo[rows])
-        amp = torch.maximum(t[..., 3:] + s[..., 3:], 0.5 * t[..., 3:].clamp_min(0.0))
-        return torch.cat([xyz, amp], -1).reshape(g, -1)
+        photons = torch.maximum(t[..., 3:4] + s[..., 3:4], 0.5 * t[..., 3:4].clamp_min(0.0))
+        background = (t[..., 4:] + s[..., 4:]).clamp_min(0.0)
+        return torch.cat([xyz, photons, background], -1).reshape(g, -1)
 
     def pinned(self, theta: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """(G, 5·k) bool: x, y or z at a bound with the likelihood rising beyond it."""
+        """(G, 5·k) bool: x, y or z at a bound with the likelihood rising beyond it, or the
+        background at 0 with the likelihood rising below it (a window darker than the
+        calibration's offset: its background is 0, and the fit converges there instead of
+        spending every step on it)."""
         g = theta.shape[0]
-        t = theta.reshape(g, -1, N_PARAMS)[..., :3]
-        d = grad.reshape(g, -1, N_PARAMS)[..., :3].to(t.dtype)
+        th = theta.reshape(g, -1, N_PARAMS)
+        t = th[..., :3]
+        gr = grad.reshape(g, -1, N_PARAMS).to(t.dtype)
+        d = gr[..., :3]
         eps = self.eps[rows]
         out = ((t >= self.hi[rows] - eps) & (d > 0)) | ((t <= self.lo[rows] + eps) & (d < 0))
-        return torch.cat([out, torch.zeros_like(out[..., :2])], -1).reshape(g, -1)
+        bg = (th[..., 4:] <= 0.0) & (gr[..., 4:] < 0)
+        return torch.cat([out, torch.zeros_like(out[..., :1]), bg], -1).reshape(g, -1)
 
 
 def _bounds(

@@ -137,13 +137,13 @@ class SplineRefiner:
         (H, W) in ADU."""
         raw = torch.as_tensor(np.asarray(frame_adu), device=self.device)
         e, read_var = electrons(raw, self.calibration.noise)
-        e = e.to(torch.float32)
+        e = e.to(self.psf.dtype)
         st = np.asarray(start, dtype=np.float64).reshape(-1, 3)
         n = len(st)
         if n == 0:
             return _empty()
         z0, z1 = self.psf.z_range_um
-        theta = torch.as_tensor(st, dtype=torch.float32, device=self.device).clone()
+        theta = torch.as_tensor(st, dtype=self.psf.dtype, device=self.device).clone()
         theta[:, 2] = theta[:, 2].clamp(z0, z1)
         theta = torch.cat([theta, torch.full((n, 2), math.nan, device=self.device)], 1)
         sizes = self.window_for(st[:, 2])
