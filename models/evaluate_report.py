@@ -51,6 +51,9 @@ REPORT_KIND = "focaltrack.evaluation"
 TARGETS = {
     "jaccard_at_10db_and_above": 0.9,  # 20 emitters, paper tolerance
     "jaccard_at_0db": 0.5,
+    # issue 13: lateral and axial RMSE within this many times the joint Cramér–Rao bound at
+    # 10 and 20 dB (20 emitters) and for isolated emitters
+    "rmse_over_crlb": 1.2,
 }
 
 
@@ -104,6 +107,27 @@ class Report:
                     "where": zero[0].spec.label,
                     "threshold": TARGETS["jaccard_at_0db"],
                     "pass": bool(v > TARGETS["jaccard_at_0db"]),
+                }
+            )
+        bound_points = [p for p in snr if p.spec.snr_db in (10.0, 20.0)]
+        bound_points += self.experiment("isolated")
+        ratios = [
+            (max(r), p.spec.label)
+            for p in bound_points
+            if (r := (p.scores[key].get("rmse_crlb_lat"), p.scores[key].get("rmse_crlb_ax")))
+            and None not in r
+        ]
+        if ratios:
+            v, where = max(ratios)
+            limit = TARGETS["rmse_over_crlb"]
+            out.append(
+                {
+                    "name": f"lateral and axial RMSE ≤ {limit:g} × √CRLB at 10 and 20 dB and "
+                    f"for isolated emitters (tolerance {tol_text(key)})",
+                    "measured": v,
+                    "where": where,
+                    "threshold": limit,
+                    "pass": bool(math.isfinite(v) and v <= limit),
                 }
             )
         iso = self.experiment("isolated")

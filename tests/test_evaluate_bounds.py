@@ -225,6 +225,9 @@ def test_evaluation_reports_the_bounds(scenes, tmp_path) -> None:
     md = paths["markdown"].read_text()
     assert "ideal recall" in md and "depth.png" in md
     assert "lat/CR" in ev.summary_text(rep)
+    # issue 13's target as a check: errors of 0.3 µm are far above a bright emitter's bound
+    (bound_check,) = [c for c in rep.checks() if "CRLB" in c["name"]]
+    assert not bound_check["pass"] and bound_check["measured"] > 1.2
     # and without a calibration (or with --no-bounds) there are none
     none = ev.evaluate(
         Oracle(), ev.Settings.quick(snr_db=(10.0,), densities=(), isolated_frames=0,
