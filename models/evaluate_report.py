@@ -111,12 +111,11 @@ class Report:
             )
         bound_points = [p for p in snr if p.spec.snr_db in (10.0, 20.0)]
         bound_points += self.experiment("isolated")
-        ratios = [
-            (max(r), p.spec.label)
-            for p in bound_points
-            if (r := (p.scores[key].get("rmse_crlb_lat"), p.scores[key].get("rmse_crlb_ax")))
-            and None not in r
-        ]
+        ratios: list[tuple[float, str]] = []
+        for p in bound_points:
+            lat, ax = p.scores[key].get("rmse_crlb_lat"), p.scores[key].get("rmse_crlb_ax")
+            if lat is not None and ax is not None:
+                ratios.append((max(float(lat), float(ax)), p.spec.label))
         if ratios:
             v, where = max(ratios)
             limit = TARGETS["rmse_over_crlb"]
