@@ -61,7 +61,14 @@ from focaltrack.models.crlb import (
 )
 from focaltrack.models.spline_psf import SplinePSF, frame_index
 
-__all__ = ["MLEFit", "electrons", "fit_frames", "fit_windows"]
+__all__ = [
+    "MLEFit",
+    "electrons",
+    "fit_frames",
+    "fit_windows",
+    "log_likelihood_terms",
+    "start_amplitudes",
+]
 
 LAMBDA_START = 1e-2
 LAMBDA_MIN = 1e-7
@@ -198,7 +205,7 @@ def _levenberg_marquardt(
     return theta, state, iterations, converged
 
 
-def _log_likelihood_terms(data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
+def log_likelihood_terms(data: torch.Tensor, model: torch.Tensor) -> torch.Tensor:
     """Per pixel d' log(μ'/d') − (μ' − d') (the log-likelihood less its value at μ' = d'):
     small numbers, whose sum keeps its precision in float32."""
     mu = model.clamp_min(MIN_VARIANCE_E2)
@@ -284,7 +291,7 @@ def _start(psf: SplinePSF, start: torch.Tensor) -> torch.Tensor:
     return s
 
 
-def _amplitudes(
+def start_amplitudes(
     psf: SplinePSF,
     theta: torch.Tensor,
     origin: torch.Tensor,
@@ -346,14 +353,14 @@ def fit_windows(
     m = torch.ones_like(d) if inside is None else inside.to(dev).reshape(b, -1).to(dt)
     rv = _pixels(read_var, d)
     d_prime = ((d + rv) * m).clamp_min(0.0)
-    theta = _amplitudes(psf, _start(psf, start), org, size, d, m)
+    theta = start_amplitudes(psf, _start(psf, start), org, size, d, m)
     lo, hi = _bounds(psf, org, size)
 
     def evaluate(th: torch.Tensor, rows: torch.Tensor) -> _State:
         mu, jac = window_model(psf, th[rows], org[rows], size, m[rows])
         mu_p = mu + rv[rows]
         mr = m[rows]
-        ll = (_log_likelihood_terms(d_prime[rows], mu_p) * mr).sum(-1, dtype=torch.float64)
+        ll = (log_likelihood_terms(d_prime[rows], mu_p) * mr).sum(-1, dtype=torch.float64)
         rho = mr * (d_prime[rows] / mu_p.clamp_min(MIN_VARIANCE_E2) - 1.0)
         grad = torch.einsum("bip,bp->bi", jac, rho).double()
         return _State(ll, grad, fisher(mu, jac, rv[rows], mr))
@@ -425,7 +432,7 @@ def fit_frames(
             max_iter=max_iter,
             tol=tol,
         )
-    theta0 = _amplitudes(psf, th0, origin, window, data, inside)
+    theta0 = start_amplitudes(psf, th0, origin, window, data, inside)
     return _fit_joint(psf, stack, theta0, fr, origin, window, rv_map, max_iter, tol)
 
 
@@ -471,7 +478,7 @@ def _fit_joint(
     def evaluate(th: torch.Tensor, rows: torch.Tensor) -> _State:
         model = joint_model(psf, layout, emitters(th))
         mu_canvas = model.canvas[:-1] + rv_canvas
-        terms = _log_likelihood_terms(d_canvas, mu_canvas) * covered
+        terms = log_likelihood_terms(d_canvas, mu_canvas) * covered
         ll = terms.reshape(n_frames, -1).sum(-1, dtype=torch.float64)
         mu_p = model.mu + rv_win
         rho = layout.inside * (d_win / mu_p.clamp_min(MIN_VARIANCE_E2) - 1.0)
@@ -487,7 +494,7 @@ def _fit_joint(
     )
     th = emitters(theta)
     model = joint_model(psf, layout, th)
-    terms = _log_likelihood_terms(d_canvas, model.canvas[:-1] + rv_canvas) * covered
+    terms = log_likelihood_terms(d_canvas, model.canvas[:-1] + rv_canvas) * covered
     deviance = -2.0 * (layout.gather(terms) * layout.inside).sum(-1, dtype=torch.float64)
     sigma = per_emitter(layout, covariance(state.info)).diagonal(dim1=1, dim2=2).sqrt()
     return MLEFit(

@@ -14,10 +14,14 @@ fit SMAP, Picasso and DECODE run after their detectors):
   `LIGHT_FRACTION` of its calibration slice's light (`window_sizes`), rounded up to one of a
   few sizes (`WINDOW_SIZES`), so a frame's fits are a few batched calls, not one per emitter
   and not all at the deepest ring's size.
-- **Crowds**: each emitter is fitted against the frame less its neighbours' current
-  models (block-Jacobi: all emitters at once, `sweeps` times), so a ring under a focused
-  emitter gives its light to the ring, not to the emitter's background. The full joint
-  system (`mle.fit_frames(joint=True)`) is the exact alternative; on a 2-core CPU its cost at
+- **Crowds**: first the photons and backgrounds of all emitters at their starts
+  (`AMPLITUDE_SWEEPS` halfway Jacobi sweeps, each window less its neighbours' light), then
+  each emitter's z moved to the likeliest of a few slices around its start (`_search_z`),
+  then `sweeps` block-coordinate sweeps: every emitter fitted against the frame less its
+  neighbours' current models, their light counted in each pixel's variance, so each fit
+  maximises the frame's likelihood over its own emitter and a ring under a focused emitter
+  gives its light to the ring, not to the emitter's background. The full joint system
+  (`mle.fit_frames(joint=True)`) is the exact alternative; on a 2-core CPU its cost at
   100 µm depth (one (5k)² solve over 128-px windows) is 10–30× this.
 - **Uncertainty**: each localization's σ_x, σ_y, σ_z is the Cramér–Rao bound at the fit
   (the Fisher information of its window, its neighbours held fixed): no extra cost.
@@ -40,10 +44,10 @@ import torch
 from focaltrack.calibration import Calibration
 from focaltrack.models.mle import (
     MLEFit,
-    _amplitudes,
-    _log_likelihood_terms,
     electrons,
     fit_windows,
+    log_likelihood_terms,
+    start_amplitudes,
 )
 from focaltrack.models.spline_psf import SplinePSF, frame_index
 from focaltrack.records import LocFlag
@@ -157,7 +161,7 @@ class SplineRefiner:
         # neighbours: fitted alone first, a ring would take its neighbours' light and wander
         for side, rows in groups:
             origin, flat, inside, _ = self._window(theta[rows], side, shape)
-            theta[rows] = _amplitudes(
+            theta[rows] = start_amplitudes(
                 self.psf, theta[rows], origin, (side, side), _gather(e, flat), inside
             )
         theta = self._amplitudes_in_crowd(e, theta, groups, shape)
@@ -266,7 +270,7 @@ class SplineRefiner:
             cand[:, 3], cand[:, 4] = _least_squares(v, data, m)
             mu = v * cand[:, 3, None] + cand[:, 4, None] + var
             d = (data + var).clamp_min(0.0)
-            ll = (_log_likelihood_terms(d, mu) * m).sum(1).reshape(b, k)
+            ll = (log_likelihood_terms(d, mu) * m).sum(1).reshape(b, k)
             best = ll.argmax(1)
             out[rows] = cand.reshape(b, k, -1)[torch.arange(b, device=self.device), best]
         return out
