@@ -23,7 +23,7 @@ from focaltrack.models.tracker import (
     link_table,
     tracks_at_focus,
 )
-from focaltrack.records import Localizations
+from focaltrack.records import Localizations, LocFlag
 
 
 class _ScriptedLocalizer:
@@ -236,6 +236,11 @@ def test_track_on_a_recording_gives_the_live_tracks(tmp_path: Path, trained_mode
         stage = f["frame_meta/stage_z_um"][()]
         assert np.ptp(stage) > 3  # the focus moved while recording
         assert len(f["localizations/frame"]) > 0
+        # the live analysis is the model's default: each localization fitted, with its σ
+        flags = f["localizations/flags"][()]
+        fitted = (flags & int(LocFlag.NOT_FITTED)) == 0
+        assert fitted.any() and np.all(f["localizations/sigma_x_um"][()][fitted] > 0)
+        assert np.all(f["localizations/photons"][()][fitted] > 0)
     assert len(live["track_id"]) > 0 and (live["status"] == 1).any()
     trimmed = _from_fresh_tracker(path, tmp_path / "from_reload.h5")
     with h5py.File(trimmed, "r") as f:
