@@ -50,6 +50,7 @@ from focaltrack.common.files import clean
 from focaltrack.daemon.commands.bench import (
     FLOW_UM_S,
     REPLAY_FRAMES,
+    analysis_text,
     bench_service,
     device_text,
     sayer,
@@ -261,7 +262,7 @@ def run_soak(
         f"({'replayed frames' if camera == 'replay' else 'live simulator'})"
     )
     say(f"  model {model} ({(meta.get('training') or {}).get('preset', '?')} preset)")
-    say(f"  inference on {dev_text}, {passes} localizer pass{'es' if passes > 1 else ''}")
+    say(f"  inference on {dev_text}, {analysis_text(passes, fit)}")
     say(
         f"  warm-up: the first {warmup_s:g} s (10 % of the run, at most {WARMUP_MAX_S:g} s) "
         f"left out; status asked every {STATUS_PERIOD_S:g} s; RSS ({rss_source}) every "

@@ -33,8 +33,27 @@ class Track:
     localization_row: int  # row of this frame's input assigned to it, -1 if none
 
 
+class _StatusRows:
+    """The rows of a track column set by status (`TrackFrame`, `TrackTable`)."""
+
+    __slots__ = ()
+    status: np.ndarray  # uint8 `TrackStatus` codes
+
+    @property
+    def confirmed(self) -> np.ndarray:
+        """Rows of confirmed tracks, coasting ones included (a client steers on status
+        confirmed only: `TrackStatus`)."""
+        return TrackStatus.is_confirmed(self.status)
+
+    @property
+    def coasting(self) -> np.ndarray:
+        """Rows of confirmed tracks without a localization this frame (position predicted)."""
+        ok: np.ndarray = self.status == TrackStatus.COASTING.code
+        return ok
+
+
 @dataclass(frozen=True, slots=True, eq=False)  # arrays: compare fields explicitly
-class TrackFrame:
+class TrackFrame(_StatusRows):
     """The tracks alive after one frame, stacked as the filter holds them (row i is one
     track); `record` flattens them into the `Tracks` record that the wire and files carry."""
 
@@ -51,18 +70,6 @@ class TrackFrame:
 
     def __len__(self) -> int:
         return len(self.id)
-
-    @property
-    def confirmed(self) -> np.ndarray:
-        """Rows of confirmed tracks, coasting ones included (a client steers on status
-        confirmed only: `TrackStatus`)."""
-        return TrackStatus.is_confirmed(self.status)
-
-    @property
-    def coasting(self) -> np.ndarray:
-        """Rows of confirmed tracks without a localization this frame (position predicted)."""
-        ok: np.ndarray = self.status == TrackStatus.COASTING.code
-        return ok
 
     def record(self, frame: int = -1) -> Tracks:
         """These tracks as the `Tracks` record, at camera frame ``frame``."""
@@ -142,7 +149,7 @@ def _record(
 
 
 @dataclass(frozen=True, slots=True, eq=False)  # arrays: compare fields explicitly
-class TrackTable:
+class TrackTable(_StatusRows):
     """Tracks of a whole recording, stacked as `TrackFrame`: one row per live track per
     frame; `record` flattens them into the `Tracks` record the track files are made of."""
 
@@ -160,18 +167,6 @@ class TrackTable:
 
     def __len__(self) -> int:
         return len(self.frame)
-
-    @property
-    def confirmed(self) -> np.ndarray:
-        """Rows of confirmed tracks, coasting ones included (a client steers on status
-        confirmed only: `TrackStatus`)."""
-        return TrackStatus.is_confirmed(self.status)
-
-    @property
-    def coasting(self) -> np.ndarray:
-        """Rows of confirmed tracks without a localization this frame (position predicted)."""
-        ok: np.ndarray = self.status == TrackStatus.COASTING.code
-        return ok
 
     def record(self) -> Tracks:
         return _record(

@@ -361,6 +361,12 @@ def device_text(device: str, threads: int) -> str:
     return f"cpu ({n} inference threads of {os.cpu_count()} logical CPUs)"
 
 
+def analysis_text(passes: int, fit: str) -> str:
+    """What the localizer runs, for the bench's and the soak's headers."""
+    last = "spline MLE fit" if fit == "spline" else "none"
+    return f"{passes} localizer pass{'es' if passes > 1 else ''}, last step: {last}"
+
+
 def run_bench(
     model: Path,
     *,
@@ -392,10 +398,7 @@ def run_bench(
         f"{duration_s:g} s per size after {WARMUP_S:g} s warm-up"
     )
     say(f"  model {model} ({(meta.get('training') or {}).get('preset', '?')} preset)")
-    say(
-        f"  inference on {dev_text}, {passes} localizer pass{'es' if passes > 1 else ''}, "
-        f"last step: {'spline MLE fit' if fit == 'spline' else 'none'}"
-    )
+    say(f"  inference on {dev_text}, {analysis_text(passes, fit)}")
     results: list[SizeResult] = []
     for size in sizes:
         say(f"  {size}×{size}: rendering {REPLAY_FRAMES} frames ...")
