@@ -66,6 +66,7 @@ __all__ = [
     "electrons",
     "fit_frames",
     "fit_windows",
+    "least_squares",
     "log_likelihood_terms",
     "start_amplitudes",
 ]
@@ -291,6 +292,18 @@ def _start(psf: SplinePSF, start: torch.Tensor) -> torch.Tensor:
     return s
 
 
+def least_squares(
+    v: torch.Tensor, data: torch.Tensor, m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Photons and background of windows (B, P), unconstrained: linear least squares of
+    ``data`` on [PSF ``v``, 1] over the pixels ``m`` (0/1)."""
+    v, d = v * m, data * m
+    svv, sv, s1 = (v * v).sum(1), v.sum(1), m.sum(1)
+    svd, sd = (v * d).sum(1), d.sum(1)
+    det = (svv * s1 - sv * sv).clamp_min(1e-12)
+    return (s1 * svd - sv * sd) / det, (svv * sd - sv * svd) / det
+
+
 def start_amplitudes(
     psf: SplinePSF,
     theta: torch.Tensor,
@@ -304,15 +317,12 @@ def start_amplitudes(
     p = psf.evaluate(theta[:, 0], theta[:, 1], theta[:, 2], origin, size, derivatives=False)
     b = theta.shape[0]
     m = inside.to(psf.dtype).reshape(b, -1)
-    v = p.value.reshape(b, -1) * m
-    d = data.reshape(b, -1) * m
-    svv, sv, s1 = (v * v).sum(1), v.sum(1), m.sum(1)
-    svd, sd = (v * d).sum(1), d.sum(1)
-    det = (svv * s1 - sv * sv).clamp_min(1e-12)
-    n_ls = (s1 * svd - sv * sd) / det
-    bg_ls = (svv * sd - sv * svd) / det
+    v = p.value.reshape(b, -1)
+    n_ls, bg_ls = least_squares(v, data.reshape(b, -1), m)
     # a negative background: none, and the photons of the PSF alone
-    n_ls = torch.where(bg_ls < 0, svd / svv.clamp_min(1e-12), n_ls)
+    vm = v * m
+    alone = (vm * data.reshape(b, -1) * m).sum(1) / (vm * vm).sum(1).clamp_min(1e-12)
+    n_ls = torch.where(bg_ls < 0, alone, n_ls)
     bg_ls = bg_ls.clamp_min(0.0)
     out = theta.clone()
     fill_n = ~(torch.isfinite(out[:, 3]) & (out[:, 3] > 0))

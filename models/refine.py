@@ -46,6 +46,7 @@ from focaltrack.models.mle import (
     MLEFit,
     electrons,
     fit_windows,
+    least_squares,
     log_likelihood_terms,
     start_amplitudes,
 )
@@ -360,16 +361,9 @@ class SplineRefiner:
 def _least_squares(
     v: torch.Tensor, data: torch.Tensor, m: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Photons (≥ 1) and background (≥ 0) of windows (B, P): least squares of ``data`` on
-    [PSF ``v``, 1] over the pixels ``m`` (0/1)."""
-    v, d = v * m, data * m
-    svv, sv, s1 = (v * v).sum(1), v.sum(1), m.sum(1)
-    svd, sd = (v * d).sum(1), d.sum(1)
-    det = (svv * s1 - sv * sv).clamp_min(1e-12)
-    return (
-        ((s1 * svd - sv * sd) / det).clamp_min(1.0),
-        ((svv * sd - sv * svd) / det).clamp_min(0.0),
-    )
+    """Photons (≥ 1) and background (≥ 0) of windows (B, P) by `mle.least_squares`."""
+    photons, background = least_squares(v, data, m)
+    return photons.clamp_min(1.0), background.clamp_min(0.0)
 
 
 def _gather(frame: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
