@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from focaltrack.models.spline_psf import SplinePSF, frame_index
+from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
 
 __all__ = [
     "N_PARAMS",
@@ -231,9 +231,7 @@ class JointLayout:
     def gather(self, stack: torch.Tensor) -> torch.Tensor:
         """Each window's pixels (n, h·w) of a (F, H, W) stack (or anything of F·H·W
         elements); off-frame pixels read 0."""
-        s = stack.reshape(-1)
-        s = torch.cat([s, s.new_zeros(1)])
-        return s[self.flat]
+        return gather(stack, self.flat)
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ from focaltrack.models.crlb import (
     per_emitter,
     window_model,
 )
-from focaltrack.models.spline_psf import SplinePSF, frame_index
+from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
 
 __all__ = [
     "MLEFit",
@@ -426,11 +426,10 @@ def fit_frames(
     if isinstance(read_var, torch.Tensor) and read_var.numel() > 1:
         rv_map = read_var.to(dev, dt).expand(n_frames, hh, ww)
     flat, inside = frame_index(origin, window, (hh, ww), fr, n_frames)
-    padded = torch.cat([stack.reshape(-1), stack.new_zeros(1)])
-    data = padded[flat].reshape(n, *window)
+    data = gather(stack, flat).reshape(n, *window)
     rv_win: float | torch.Tensor = rv_map
     if isinstance(rv_map, torch.Tensor):
-        rv_win = torch.cat([rv_map.reshape(-1), rv_map.new_zeros(1)])[flat].reshape(n, *window)
+        rv_win = gather(rv_map, flat).reshape(n, *window)
     if not joint or n == 0:
         return fit_windows(
             psf,

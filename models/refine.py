@@ -50,7 +50,7 @@ from focaltrack.models.mle import (
     log_likelihood_terms,
     start_amplitudes,
 )
-from focaltrack.models.spline_psf import SplinePSF, frame_index
+from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
 from focaltrack.records import LocFlag
 
 __all__ = ["LIGHT_FRACTION", "WINDOW_SIZES", "Refined", "SplineRefiner", "window_sizes"]
@@ -163,7 +163,7 @@ class SplineRefiner:
         for side, rows in groups:
             origin, flat, inside, _ = self._window(theta[rows], side, shape)
             theta[rows] = start_amplitudes(
-                self.psf, theta[rows], origin, (side, side), _gather(e, flat), inside
+                self.psf, theta[rows], origin, (side, side), gather(e, flat), inside
             )
         theta = self._amplitudes_in_crowd(e, theta, groups, shape)
         theta = self._search_z(e, theta, groups, shape, read_var)
@@ -177,10 +177,10 @@ class SplineRefiner:
                 # the neighbours' light is known (held) but still noise: as the read
                 # noise, it is added to the model's variance (`mle`'s sCMOS form), so
                 # each fit maximises the frame's likelihood over its own emitter
-                neighbours = (_gather(total, flat) - own).clamp_min(0.0)
+                neighbours = (gather(total, flat) - own).clamp_min(0.0)
                 f = fit_windows(
                     self.psf,
-                    (_gather(e, flat) - neighbours).reshape(-1, side, side),
+                    (gather(e, flat) - neighbours).reshape(-1, side, side),
                     origin,
                     theta[rows],
                     read_var=(read_var + neighbours).reshape(-1, side, side),
@@ -219,7 +219,7 @@ class SplineRefiner:
             new = theta.clone()
             for (_, rows), (_, flat, inside, _), u in zip(groups, windows, unit, strict=True):
                 own = u * theta[rows, 3, None]
-                data = _gather(e, flat) - (_gather(total, flat) - own)
+                data = gather(e, flat) - (gather(total, flat) - own)
                 n_ls, bg_ls = _least_squares(u, data, inside.to(data.dtype))
                 new[rows, 3] = 0.5 * (theta[rows, 3] + n_ls)
                 new[rows, 4] = 0.5 * (theta[rows, 4] + bg_ls)
@@ -254,8 +254,8 @@ class SplineRefiner:
         out = theta.clone()
         for (side, rows), (origin, flat, inside, own) in zip(groups, windows, strict=True):
             b = len(rows)
-            neighbours = (_gather(total, flat) - own).clamp_min(0.0)
-            data = (_gather(e, flat) - neighbours).repeat_interleave(k, 0)
+            neighbours = (gather(total, flat) - own).clamp_min(0.0)
+            data = (gather(e, flat) - neighbours).repeat_interleave(k, 0)
             var = (read_var + neighbours).repeat_interleave(k, 0)
             m = inside.repeat_interleave(k, 0).to(data.dtype)
             cand = theta[rows].repeat_interleave(k, 0)
@@ -364,13 +364,6 @@ def _least_squares(
     """Photons (≥ 1) and background (≥ 0) of windows (B, P) by `mle.least_squares`."""
     photons, background = least_squares(v, data, m)
     return photons.clamp_min(1.0), background.clamp_min(0.0)
-
-
-def _gather(frame: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
-    """Window pixels (B, P) of an (H, W) frame by `frame_index`'s flat indices (the sink,
-    one past the end, reads zero)."""
-    padded = torch.cat([frame.reshape(-1), frame.new_zeros(1)])
-    return padded[flat]
 
 
 def _empty() -> Refined:

@@ -51,6 +51,7 @@ __all__ = [
     "calibration_noise",
     "denoised",
     "frame_index",
+    "gather",
     "not_a_knot_matrix",
 ]
 
@@ -351,6 +352,13 @@ def frame_index(
     flat = (f[:, None, None] * hh + r[:, :, None]) * ww + c[:, None, :]
     flat = torch.where(inside, flat, torch.full_like(flat, n_frames * hh * ww))
     return flat.reshape(len(origin), -1), inside.reshape(len(origin), -1)
+
+
+def gather(stack: torch.Tensor, flat: torch.Tensor) -> torch.Tensor:
+    """The pixels of windows of a stack (anything of F·H·W elements) at `frame_index`'s
+    flat indices ``flat``; the sink index one past the end reads 0."""
+    s = stack.reshape(-1)
+    return torch.cat([s, s.new_zeros(1)])[flat]
 
 
 def _taps(planes: torch.Tensor, weights: torch.Tensor, kernel: tuple[int, int]) -> torch.Tensor:
