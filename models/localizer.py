@@ -167,15 +167,9 @@ class Localizer:
                 )
         self.pixel_size_um: float = float(pixel_size_um or self.model_pixel_size_um)
         self.pre = Preprocess(**self.meta["preprocess"])
-        self.decode = DecodeSettings.from_meta(self.meta.get("decode"))
-        if passes is not None:
-            if int(passes) < 1:
-                raise LocalizerError(f"passes must be ≥ 1, got {passes}")
-            self.decode = DecodeSettings(**{**_asdict(self.decode), "passes": int(passes)})
-        if fit is not None:
-            self.decode = DecodeSettings(**{**_asdict(self.decode), "fit": fit})
-        if self.decode.fit not in FIT_CHOICES:
-            raise LocalizerError(f"fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
+        self.decode = _overridden(
+            DecodeSettings.from_meta(self.meta.get("decode")), passes=passes, fit=fit
+        )
         self.lateral: LateralNet = bundle.lateral
         self.axial: AxialNet = bundle.axial
         cl = torch.channels_last
@@ -285,20 +279,7 @@ class Localizer:
         networks alone, ≥ 2 to fit, subtract and search the residual; ``fit``: the last
         step, ``"spline"`` or ``"none"`` (defaults: this localizer's settings)."""
         a = self.check_frames(frames)
-        settings = self.decode
-        over: dict[str, Any] = {}
-        if threshold is not None:
-            over["lateral_threshold"] = float(threshold)
-        if passes is not None:
-            if int(passes) < 1:
-                raise LocalizerError(f"passes must be ≥ 1, got {passes}")
-            over["passes"] = int(passes)
-        if fit is not None:
-            if fit not in FIT_CHOICES:
-                raise LocalizerError(f"fit must be one of {', '.join(FIT_CHOICES)}, got {fit!r}")
-            over["fit"] = fit
-        if over:
-            settings = DecodeSettings(**{**_asdict(settings), **over})
+        settings = _overridden(self.decode, threshold=threshold, passes=passes, fit=fit)
         # only detections above the threshold go through the axial network
         x = self._input(a)
         cands = self._candidates(x, settings.lateral_threshold)
@@ -308,12 +289,13 @@ class Localizer:
         px = self.pixel_size_um
         xyz = [np.stack([lc.x_um / px, lc.y_um / px, lc.z_um], 1) for lc in locs]
         score = [np.asarray(lc.score) for lc in locs]
+        e = self._electrons(a)
         if settings.passes > 1:
-            xyz, score = self._residual_passes(a, xyz, score, settings)
+            xyz, score = self._residual_passes(e, xyz, score, settings)
             if settings.fit == "none":
-                return self._least_squares(a, locs, xyz, score, settings)
+                return self._least_squares(e, locs, xyz, score, settings)
         return [
-            self._fit_spline(a[i], lc.frame, xyz[i], score[i], settings)
+            self._fit_spline(a[i], e[i], lc.frame, xyz[i], score[i], settings)
             for i, lc in enumerate(locs)
         ]
 
@@ -328,14 +310,16 @@ class Localizer:
     def _fit_spline(
         self,
         frame: np.ndarray,
+        e: torch.Tensor,
         frame_index: int,
         xyz_px: np.ndarray,
         score: np.ndarray,
         st: DecodeSettings,
     ) -> Localizations:
-        """One frame's localizations fitted (`focaltrack.models.refine`); those the fit
-        cannot tell from noise (photons under ``min_significance`` σ) are dropped: the
-        networks' false positives, most of them.
+        """One frame's localizations fitted (`focaltrack.models.refine`; ``frame`` raw
+        ADU, ``e`` the same in photo-electrons); those the fit cannot tell from noise
+        (photons under ``min_significance`` σ) are dropped: the networks' false positives,
+        most of them.
 
         The fit starts where the least-squares fit of the PSF table puts each emitter
         (`PSFFitter.fit`, with its whole-pixel search: up to 8 px for a lone ring 100 µm
@@ -344,7 +328,6 @@ class Localizer:
         0.39 / 0.85 µm lateral / axial RMSE from the networks' positions, 0.15 / 0.36 µm
         from these."""
         if len(xyz_px):
-            e = self._electrons(frame[None])[0]
             start = self._fit(self.fitter, e, xyz_px, st, st.search_px)
             xyz_px = torch.stack([start.x_px, start.y_px, start.z_um], 1).double().cpu().numpy()
         r = self.refiner.fit(frame, xyz_px)
@@ -377,18 +360,17 @@ class Localizer:
     @torch.inference_mode()
     def _residual_passes(
         self,
-        frames: np.ndarray,
+        e: torch.Tensor,
         xyz: list[np.ndarray],
         score: list[np.ndarray],
         st: DecodeSettings,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Fit what was found (least squares of the PSF table), subtract it, search the
         residual; repeat: every frame's emitters (x px, y px, z µm) and scores, the new
-        ones after the networks'. Batched over frames for the networks, per frame for the
-        fit."""
+        ones after the networks'. ``e``: the frames in photo-electrons. Batched over frames
+        for the networks, per frame for the fit."""
         fitter = self.fitter
         px = self.pixel_size_um
-        e = self._electrons(frames)
         xyz, score = list(xyz), list(score)
         for _ in range(st.passes - 1):
             residual = torch.stack(
@@ -415,23 +397,25 @@ class Localizer:
         return xyz, score
 
     def _electrons(self, frames: np.ndarray) -> torch.Tensor:
+        """Raw ADU frames (N, H, W) in photo-electrons on the device (the preprocessing's
+        offset and gain)."""
         a = torch.from_numpy(np.ascontiguousarray(frames).astype(np.float32, copy=False))
         return (a.to(self.device) - self.pre.offset_adu) * self.pre.gain_e_per_adu
 
     @torch.inference_mode()
     def _least_squares(
         self,
-        frames: np.ndarray,
+        e: torch.Tensor,
         locs: list[Localizations],
         xyz: list[np.ndarray],
         score: list[np.ndarray],
         st: DecodeSettings,
     ) -> list[Localizations]:
         """``fit="none"`` after residual passes: the PSF table's least-squares positions
-        (the method before the spline fit), flagged NOT_FITTED (no σ)."""
+        (the method before the spline fit), flagged NOT_FITTED (no σ). ``e``: the frames
+        in photo-electrons."""
         fitter = self.fitter
         px = self.pixel_size_um
-        e = self._electrons(frames)
         out = []
         for i, lc in enumerate(locs):
             fit = self._fit(fitter, e[i], xyz[i], st, st.search_px)
@@ -619,6 +603,29 @@ def _clone(net: torch.nn.Module) -> torch.nn.Module:
     import copy
 
     return copy.deepcopy(net).cpu().eval()
+
+
+def _overridden(
+    st: DecodeSettings,
+    *,
+    threshold: float | None = None,
+    passes: int | None = None,
+    fit: str | None = None,
+) -> DecodeSettings:
+    """``st`` with the lateral threshold, passes and last step given (None: kept), checked."""
+    over: dict[str, Any] = {}
+    if threshold is not None:
+        over["lateral_threshold"] = float(threshold)
+    if passes is not None:
+        if int(passes) < 1:
+            raise LocalizerError(f"passes must be ≥ 1, got {passes}")
+        over["passes"] = int(passes)
+    if fit is not None:
+        over["fit"] = fit
+    out = DecodeSettings(**{**_asdict(st), **over}) if over else st
+    if out.fit not in FIT_CHOICES:
+        raise LocalizerError(f"fit must be one of {', '.join(FIT_CHOICES)}, got {out.fit!r}")
+    return out
 
 
 def _asdict(s: DecodeSettings) -> dict[str, Any]:
