@@ -85,7 +85,7 @@ class MLEFit:
     ``deviance``: 2 Σ (d' log(d'/μ') − d' + μ') over the emitter's window, ≈ its number of
     pixels for a fit whose model explains the data. ``converged``: the Newton decrement fell
     below the tolerance. ``at_bound``: x or y held at its window's edge or z at the
-    calibration's range.
+    calibration's range; ``xy_at_bound``: x or y at its window's edge.
     """
 
     theta: torch.Tensor
@@ -94,6 +94,7 @@ class MLEFit:
     iterations: torch.Tensor
     converged: torch.Tensor
     at_bound: torch.Tensor
+    xy_at_bound: torch.Tensor
 
     @property
     def x_px(self) -> torch.Tensor:
@@ -269,8 +270,9 @@ def _bounds(
 
 
 def _at_bound(theta: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """(n, 3) whether each emitter's x, y and z is at its bound."""
     eps = 1e-4 * (hi - lo).clamp_min(1.0)
-    return ((theta[:, :3] <= lo + eps) | (theta[:, :3] >= hi - eps)).any(-1)
+    return (theta[:, :3] <= lo + eps) | (theta[:, :3] >= hi - eps)
 
 
 def _start(psf: SplinePSF, start: torch.Tensor) -> torch.Tensor:
@@ -387,7 +389,8 @@ def fit_windows(
         deviance=-2.0 * state.ll,
         iterations=iterations,
         converged=converged,
-        at_bound=_at_bound(theta, lo, hi),
+        at_bound=_at_bound(theta, lo, hi).any(-1),
+        xy_at_bound=_at_bound(theta, lo, hi)[:, :2].any(-1),
     )
 
 
@@ -512,5 +515,6 @@ def _fit_joint(
         deviance=deviance,
         iterations=iterations[layout.frame],
         converged=converged[layout.frame],
-        at_bound=_at_bound(th, lo_e, hi_e),
+        at_bound=_at_bound(th, lo_e, hi_e).any(-1),
+        xy_at_bound=_at_bound(th, lo_e, hi_e)[:, :2].any(-1),
     )

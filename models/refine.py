@@ -318,16 +318,14 @@ class SplineRefiner:
             r = rows.cpu().numpy()
             sigma[r] = f.sigma.cpu().numpy()
             flags[r] |= np.where(f.converged.cpu().numpy(), 0, int(LocFlag.NOT_CONVERGED))
-            flags[r] |= np.where(f.at_bound.cpu().numpy(), int(LocFlag.XY_AT_WINDOW_EDGE), 0)
+            edge = f.xy_at_bound.cpu().numpy()
+            flags[r] |= np.where(edge, int(LocFlag.XY_AT_WINDOW_EDGE), 0)
         th = theta.double().cpu().numpy()
         bad = ~np.isfinite(th).all(1) | ~np.isfinite(sigma[:, :3]).all(1)
         z0, z1 = self.psf.z_range_um
         eps = 1e-3 * self.psf.z_step_um
         at_z = (th[:, 2] <= z0 + eps) | (th[:, 2] >= z1 - eps)
-        # a z held at the range's end is that flag, not the window-edge one
-        flags = np.where(
-            at_z, (flags & ~int(LocFlag.XY_AT_WINDOW_EDGE)) | int(LocFlag.Z_AT_RANGE_END), flags
-        )
+        flags |= np.where(at_z, int(LocFlag.Z_AT_RANGE_END), 0)
         if bad.any():  # numerically failed: the networks' position, σ unknown
             th[bad, :3] = start[bad]
             sigma[bad] = math.nan

@@ -211,6 +211,7 @@ def test_bad_input_is_flagged_not_lost(psf: SplinePSF) -> None:
     assert bool(torch.isfinite(fit.theta).all())
     assert not bool(torch.isnan(fit.sigma).any())
     assert bool(fit.at_bound[0]) and float(fit.z_um[0]) == pytest.approx(30.0)
+    assert not bool(fit.xy_at_bound[0])  # its z is at the bound, not its x or y
     assert bool(fit.converged[0])  # held at the bound, not wandering to max_iter
     assert float(fit.photons[1]) < 5 * float(fit.sigma[1, 3])  # nothing there, and it says so
 

@@ -117,6 +117,8 @@ def test_bad_input_is_reported_with_a_flag(refiner: SplineRefiner) -> None:
     assert len(r.x_px) == 3
     assert np.isfinite(np.column_stack([r.x_px, r.y_px, r.z_um])).all()
     assert r.flags[0] & LocFlag.Z_AT_RANGE_END and r.z_um[0] == pytest.approx(30.0)
+    # its x and y stayed near the truth, well inside the window: only the z flag
+    assert not r.flags[0] & LocFlag.XY_AT_WINDOW_EDGE
     assert np.isfinite(r.sigma_x_px[0])
     assert r.flags[1] & LocFlag.BRIGHT
     assert not r.flags[2] & LocFlag.BRIGHT
