@@ -20,7 +20,9 @@ Per frame (DESIGN.md "Data flow"):
    ``merge_um`` axially are merged, keeping the higher score;
 8. with ``passes`` ≥ 2: the found emitters are fitted (least squares of the PSF table),
    subtracted, and the networks run again on the residual, finding emitters their
-   neighbours hid;
+   neighbours hid; before the spline fit, a matched filter of the calibration's deep
+   slices then searches the residual for the deep rings the networks still missed
+   (`focaltrack.models.residual_search`);
 9. the last step (``fit="spline"``, the default): every emitter fitted by Poisson maximum
    likelihood of the calibration's cubic spline, from the networks' positions
    (`focaltrack.models.refine`): each localization at the photons' precision with its
@@ -51,7 +53,8 @@ from focaltrack.common.errors import FocaltrackError
 from focaltrack.models.bundle import ModelBundle, load_bundle
 from focaltrack.models.nets import AxialNet, LateralNet, fuse_batchnorm
 from focaltrack.models.psf_fit import PSFFit, PSFFitter
-from focaltrack.models.refine import SplineRefiner
+from focaltrack.models.refine import Refined, SplineRefiner
+from focaltrack.models.residual_search import MatchedFilter
 from focaltrack.records import Localizations as Localizations  # the localizer's result type
 
 PIXEL_SIZE_TOLERANCE = 0.01  # relative
@@ -86,6 +89,14 @@ class DecodeSettings:
     # passes ≥ 2: an emitter whose fitted amplitude is less than this many standard errors
     # above zero is dropped (`PSFFitter.significance`): most false positives, few emitters
     min_significance: float = 6.0
+    # passes ≥ 2 and fit "spline": the spline fit's residual is searched by a matched
+    # filter of the calibration's deep slices (`focaltrack.models.residual_search`) for
+    # emitters the networks missed: peaks of at least this SNR, the highest within
+    # ``matched_filter_nms_px``, added and the frame fitted again, ``matched_filter_rounds``
+    # times; the fit's significance cut drops the finds it does not keep. 0: off
+    matched_filter_snr: float = 5.0
+    matched_filter_nms_px: int = 31
+    matched_filter_rounds: int = 1
     # the last step: "spline" fits every localization by Poisson maximum likelihood of the
     # calibration's spline PSF (`focaltrack.models.refine`: positions at the photons'
     # precision, each with its σ, photons, background and flags); "none" reports the
@@ -187,6 +198,7 @@ class Localizer:
         self.offset_scale = float(synth.get("axial_label_radius_px", 1.0))
         self._fitter: PSFFitter | None = None
         self._refiner: SplineRefiner | None = None
+        self._matched_filter: MatchedFilter | None = None
 
     @classmethod
     def from_bundle(
@@ -331,6 +343,8 @@ class Localizer:
             start = self._fit(self.fitter, e, xyz_px, st, st.search_px)
             xyz_px = torch.stack([start.x_px, start.y_px, start.z_um], 1).double().cpu().numpy()
         r = self.refiner.fit(frame, xyz_px)
+        if st.passes > 1 and st.matched_filter_snr > 0:
+            r, score = self._search_residual(frame, e, r, score, st)
         if st.min_significance > 0 and len(score):
             keep = r.significance >= st.min_significance
             r, score = r.take(keep), score[keep]
@@ -395,6 +409,56 @@ class Localizer:
             if not found:
                 break
         return xyz, score
+
+    @property
+    def matched_filter(self) -> MatchedFilter:
+        """The residual's matched filter (built on first use)."""
+        if self._matched_filter is None:
+            self._matched_filter = MatchedFilter(self.calibration, device=self.device)
+        return self._matched_filter
+
+    def _search_residual(
+        self, frame: np.ndarray, e: torch.Tensor, r: Refined, score: np.ndarray, st: DecodeSettings
+    ) -> tuple[Refined, np.ndarray]:
+        """One frame's fit ``r`` with the emitters the matched filter finds in its residual
+        (`focaltrack.models.residual_search`) added and the frame fitted again:
+        ``st.matched_filter_rounds`` rounds of subtract, search, fit. A find's score is its
+        SNR over twice the threshold, at most 1 (0.5 at the threshold).
+
+        The residual is the spline fit's (the frame less every fitted emitter and the
+        median of their backgrounds): a search of the least-squares table fit's residual
+        found as many emitters at 10 dB but, at 20 dB, the remainders of bright deep
+        rings that model leaves (Jaccard 0.83 → 0.75 on 20 emitters)."""
+        refiner, mf = self.refiner, self.matched_filter
+        px = self.pixel_size_um
+        read_var = float(self.pre.read_noise_e) ** 2
+        ee = e.to(refiner.device, torch.float32)
+        shape = (int(ee.shape[0]), int(ee.shape[1]))
+        for _ in range(max(0, st.matched_filter_rounds)):
+            xyz = np.stack([r.x_px, r.y_px, r.z_um], 1)
+            if len(xyz):
+                image = refiner.psf.render(
+                    shape, *(torch.as_tensor(v) for v in (r.x_px, r.y_px, r.z_um, r.photons))
+                ).to(torch.float32)
+                back = float(np.median(r.background))
+            else:
+                image = torch.zeros_like(ee)
+                back = float(torch.median(ee))
+            found, snr = mf.search(
+                ee - image - back,
+                (image + back).clamp_min(0.0) + read_var,
+                threshold=st.matched_filter_snr,
+                nms_px=st.matched_filter_nms_px,
+            )
+            if len(xyz) and len(found):
+                new = ~_near(found, xyz, st, px).any(1)
+                found, snr = found[new], snr[new]
+            if not len(found):
+                break
+            s = np.minimum(1.0, snr / (2.0 * st.matched_filter_snr))
+            score = np.concatenate([score, s.astype(score.dtype)])
+            r = refiner.fit(frame, np.concatenate([xyz, found]))
+        return r, score
 
     def _electrons(self, frames: np.ndarray) -> torch.Tensor:
         """Raw ADU frames (N, H, W) in photo-electrons on the device (the preprocessing's

@@ -1,0 +1,101 @@
+"""The residual's matched filter (`focaltrack.models.residual_search`): a deep ring whose
+pixels are each near the noise is found where it is, at about its depth and with the SNR a
+detector that knew its position would give it; noise alone gives (almost) nothing."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from test_mle import sim_calibration
+
+from focaltrack.calibration import Calibration
+from focaltrack.models.residual_search import MatchedFilter
+from focaltrack.models.spline_psf import SplinePSF
+
+SHAPE = (160, 160)
+BACKGROUND_E = 10.0
+READ_VAR_E2 = 4.0
+THRESHOLD = 5.0
+NMS_PX = 31
+
+
+@pytest.fixture(scope="module")
+def cal() -> Calibration:
+    return sim_calibration(60.0, window=96)
+
+
+@pytest.fixture(scope="module")
+def mf(cal: Calibration) -> MatchedFilter:
+    return MatchedFilter(cal)
+
+
+@pytest.fixture(scope="module")
+def psf(cal: Calibration) -> SplinePSF:
+    return SplinePSF(cal, dtype=torch.float64)
+
+
+def residual(psf: SplinePSF, truth: np.ndarray, rng: np.random.Generator) -> torch.Tensor:
+    """A frame (e⁻) of emitters ``truth`` (n, 4: x, y, z, photons) on the background, with
+    Poisson and read noise, less the background: what the filter sees once every found
+    emitter is subtracted."""
+    t = torch.as_tensor(truth, dtype=torch.float64).reshape(-1, 4)
+    mu = psf.render(SHAPE, t[:, 0], t[:, 1], t[:, 2], t[:, 3]) + BACKGROUND_E
+    e = rng.poisson(mu.numpy()) + rng.normal(0.0, math.sqrt(READ_VAR_E2), SHAPE)
+    return torch.as_tensor(e - BACKGROUND_E, dtype=torch.float32)
+
+
+def variance() -> torch.Tensor:
+    return torch.full(SHAPE, BACKGROUND_E + READ_VAR_E2)
+
+
+def test_templates_are_the_deep_slices(mf: MatchedFilter, cal: Calibration) -> None:
+    z = np.asarray(cal.z_um)
+    assert mf.z_um.min() >= z[0] + 0.25 * (z[-1] - z[0])
+    assert mf.z_um.max() <= z[-1]
+    assert np.all(np.diff(mf.z_um) > 0)
+    assert mf.templates.shape[0] == len(mf.z_um) >= 5
+
+
+def test_a_ring_under_the_noise_is_found_where_it_is(mf: MatchedFilter, psf: SplinePSF) -> None:
+    rng = np.random.default_rng(3)
+    hits, peak_snr = 0, []
+    for _ in range(10):
+        x, y = rng.uniform(50.0, 110.0, 2)
+        z = rng.uniform(30.0, 55.0)
+        photons = 1200.0
+        truth = np.array([[x, y, z, photons]])
+        # the brightest pixel of the ring: below 2 σ of one pixel's noise
+        one = psf.render(SHAPE, *(torch.as_tensor(truth[:, i]) for i in range(4)))
+        peak_snr.append(float(one.max()) / math.sqrt(BACKGROUND_E + READ_VAR_E2 + one.max()))
+        found, snr = mf.search(
+            residual(psf, truth, rng), variance(), threshold=THRESHOLD, nms_px=NMS_PX
+        )
+        assert len(found) >= 1
+        best = found[np.argmax(snr)]
+        # its SNR: that of a detector knowing where it is, Σ s μ / √(Σ s² v), within 30 %
+        s = one.double() / photons
+        known = float((s * one).sum() / torch.sqrt((s * s * (BACKGROUND_E + READ_VAR_E2)).sum()))
+        assert snr.max() == pytest.approx(known, rel=0.3)
+        if np.hypot(best[0] - x, best[1] - y) <= 2.0 and abs(best[2] - z) <= 6.0:
+            hits += 1
+    assert max(peak_snr) < 1.5, peak_snr  # each pixel alone: within its noise
+    assert hits >= 8
+
+
+def test_noise_alone_gives_almost_nothing(mf: MatchedFilter, psf: SplinePSF) -> None:
+    rng = np.random.default_rng(4)
+    found = sum(
+        len(
+            mf.search(
+                residual(psf, np.zeros((0, 4)), rng),
+                variance(),
+                threshold=THRESHOLD,
+                nms_px=NMS_PX,
+            )[0]
+        )
+        for _ in range(20)
+    )
+    assert found <= 2
