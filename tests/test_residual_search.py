@@ -99,3 +99,23 @@ def test_noise_alone_gives_almost_nothing(mf: MatchedFilter, psf: SplinePSF) -> 
         for _ in range(20)
     )
     assert found <= 2
+
+
+def test_a_faint_find_in_a_bright_emitters_light_is_its_model_error() -> None:
+    """`localizer._under_brighter`: a find with under a tenth of the photons of a brighter
+    emitter whose window holds it is dropped; one outside that window, one bright enough,
+    and the networks' own emitters are kept."""
+    from focaltrack.models.localizer import FIND_MIN_RATIO, _under_brighter
+    from focaltrack.models.refine import Refined
+
+    x = np.array([100.0, 110.0, 200.0, 104.0, 96.0])
+    photons = np.array([50000.0, 1000.0, 1000.0, 0.5 * 50000.0, 1000.0])
+    zeros = np.zeros(len(x))
+    r = Refined(x, zeros + 100.0, zeros + 60.0, photons, zeros, zeros, zeros, zeros,
+                np.zeros(len(x), dtype=np.int64), zeros + 50.0)  # fmt: skip
+    window = np.full(len(x), 64)
+    # rows 0 and 1 are the networks', 2–4 the filter's finds
+    drop = _under_brighter(r, 2, window)
+    assert FIND_MIN_RATIO == pytest.approx(0.1)
+    assert drop.tolist() == [False, False, False, False, True]
+    assert not _under_brighter(r, len(x), window).any()
