@@ -92,14 +92,16 @@ class MatchedFilter:
         hh, ww = (int(residual_e.shape[0]), int(residual_e.shape[1]))
         s = self._padded((hh, ww))
         spec, spec2 = self._spectrum((hh, ww))
-        r = torch.fft.rfft2(residual_e.to(self.device, torch.float32), s=s)
-        v = torch.fft.rfft2(variance_e2.to(self.device, torch.float32).clamp_min(0.0), s=s)
-        num = torch.fft.irfft2(r[None] * spec, s=s)
-        den = torch.fft.irfft2(v[None] * spec2, s=s).clamp_min(1e-6).sqrt()
-        # correlation index (i, j) is the template's top-left corner: its centre is the
-        # emitter's pixel
-        out = torch.roll(num / den, shifts=self._centre, dims=(1, 2))
-        return out[:, :hh, :ww]
+        # the frame placed (cy, cx) into the FFT's grid: the correlation at (i, j), whose
+        # template's top-left corner is there, then has the template's centre on frame
+        # pixel (i, j) (no wrap: the grid holds frame and template side by side)
+        cy, cx = self._centre
+        pad = (cx, 0, cy, 0)
+        r = F.pad(residual_e.to(self.device, torch.float32), pad)
+        v = F.pad(variance_e2.to(self.device, torch.float32).clamp_min(0.0), pad)
+        num = torch.fft.irfft2(torch.fft.rfft2(r, s=s)[None] * spec, s=s)[:, :hh, :ww]
+        den = torch.fft.irfft2(torch.fft.rfft2(v, s=s)[None] * spec2, s=s)[:, :hh, :ww]
+        return num / den.clamp_min(1e-6).sqrt()
 
     def search(
         self,
