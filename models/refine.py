@@ -53,7 +53,14 @@ from focaltrack.models.mle import (
 from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
 from focaltrack.records import LocFlag
 
-__all__ = ["LIGHT_FRACTION", "WINDOW_SIZES", "Refined", "SplineRefiner", "window_sizes"]
+__all__ = [
+    "LIGHT_FRACTION",
+    "WINDOW_SIZES",
+    "Refined",
+    "SplineRefiner",
+    "concat_refined",
+    "window_sizes",
+]
 
 #: A window holds this share of its emitter's calibration light (the rest: background).
 LIGHT_FRACTION = 0.95
@@ -137,12 +144,25 @@ class SplineRefiner:
         return self._sizes[idx]
 
     @torch.inference_mode()
-    def fit(self, frame_adu: np.ndarray | torch.Tensor, start: np.ndarray) -> Refined:
+    def fit(
+        self,
+        frame_adu: np.ndarray | torch.Tensor,
+        start: np.ndarray,
+        *,
+        held: torch.Tensor | None = None,
+    ) -> Refined:
         """Fit the emitters starting at ``start`` (n, 3: x px, y px, z µm) on one raw frame
-        (H, W) in ADU."""
+        (H, W) in ADU. ``held`` (H, W, e⁻): the light of other emitters of the frame, fitted
+        before and held: taken from the frame and counted in each pixel's variance, as a
+        neighbour's light is in the sweeps."""
         raw = torch.as_tensor(np.asarray(frame_adu), device=self.device)
-        e, read_var = electrons(raw, self.calibration.noise)
+        e, read = electrons(raw, self.calibration.noise)
         e = e.to(self.psf.dtype)
+        read_var: float | torch.Tensor = read
+        if held is not None:
+            light = held.to(self.device, self.psf.dtype).clamp_min(0.0)
+            e = e - light
+            read_var = read + light
         st = np.asarray(start, dtype=np.float64).reshape(-1, 3)
         n = len(st)
         if n == 0:
@@ -183,7 +203,7 @@ class SplineRefiner:
                     (gather(e, flat) - neighbours).reshape(-1, side, side),
                     origin,
                     theta[rows],
-                    read_var=(read_var + neighbours).reshape(-1, side, side),
+                    read_var=(_at(read_var, flat) + neighbours).reshape(-1, side, side),
                     inside=inside.reshape(-1, side, side),
                     max_iter=self.max_iter,
                     tol=self.tol,
@@ -232,7 +252,7 @@ class SplineRefiner:
         theta: torch.Tensor,
         groups: list[tuple[int, torch.Tensor]],
         shape: tuple[int, int],
-        read_var: float,
+        read_var: float | torch.Tensor,
     ) -> torch.Tensor:
         """Each emitter's z moved to the likeliest of its z plus `Z_SEARCH_STEPS` calibration
         steps (photons and background by least squares at each), against the frame less
@@ -256,7 +276,7 @@ class SplineRefiner:
             b = len(rows)
             neighbours = (gather(total, flat) - own).clamp_min(0.0)
             data = (gather(e, flat) - neighbours).repeat_interleave(k, 0)
-            var = (read_var + neighbours).repeat_interleave(k, 0)
+            var = (_at(read_var, flat) + neighbours).repeat_interleave(k, 0)
             m = inside.repeat_interleave(k, 0).to(data.dtype)
             cand = theta[rows].repeat_interleave(k, 0)
             cand[:, 2] = (cand[:, 2] + dz.repeat(b)).clamp(z0, z1)
@@ -356,12 +376,24 @@ class SplineRefiner:
         return (patch >= self.saturation_adu).any((1, 2))
 
 
+def _at(var: float | torch.Tensor, flat: torch.Tensor) -> float | torch.Tensor:
+    """A pixel variance (one number, or a frame map) on windows at flat indices ``flat``."""
+    return gather(var, flat) if isinstance(var, torch.Tensor) else var
+
+
 def _least_squares(
     v: torch.Tensor, data: torch.Tensor, m: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Photons (≥ 1) and background (≥ 0) of windows (B, P) by `mle.least_squares`."""
     photons, background = least_squares(v, data, m)
     return photons.clamp_min(1.0), background.clamp_min(0.0)
+
+
+def concat_refined(*parts: Refined) -> Refined:
+    """The rows of several fits, in order."""
+    return Refined(
+        *(np.concatenate([getattr(p, f) for p in parts]) for f in Refined.__dataclass_fields__)
+    )
 
 
 def _empty() -> Refined:

@@ -125,3 +125,22 @@ def test_bad_input_is_reported_with_a_flag(refiner: SplineRefiner) -> None:
     assert r.significance[2] < 5  # nothing there, and it says so
     empty = short.fit(frame, np.zeros((0, 3)))
     assert len(empty.x_px) == 0 and empty.flags.dtype.kind == "i"
+
+
+def test_emitters_fitted_with_a_neighbour_held(refiner: SplineRefiner) -> None:
+    """`fit(..., held=)`: an emitter fitted with its neighbour's light held (taken from the
+    frame, counted in the variance) lands where the fit of both puts it; without the held
+    light, the neighbour's light pulls it off."""
+    rng = np.random.default_rng(7)
+    truth = np.array([[60.0, 60.0, 20.0, 20000.0], [66.0, 62.0, 10.0, 20000.0]])
+    frame, _ = draw_frame(refiner, truth, rng)
+    both = refiner.fit(frame, truth[:, :3] + 0.3)
+    t = torch.as_tensor(np.column_stack([both.x_px, both.y_px, both.z_um, both.photons]))
+    held = refiner.psf.render(SHAPE, t[1:, 0], t[1:, 1], t[1:, 2], t[1:, 3])
+    one = refiner.fit(frame, truth[:1, :3] + 0.3, held=held)
+    alone = refiner.fit(frame, truth[:1, :3] + 0.3)
+    d_held = np.hypot(one.x_px[0] - both.x_px[0], one.y_px[0] - both.y_px[0])
+    d_alone = np.hypot(alone.x_px[0] - both.x_px[0], alone.y_px[0] - both.y_px[0])
+    assert d_held < 0.5 * both.sigma_x_px[0] + 0.02, (d_held, both.sigma_x_px[0])
+    assert d_alone > 3 * d_held, (d_alone, d_held)
+    assert one.photons[0] == pytest.approx(both.photons[0], rel=0.05)
