@@ -53,7 +53,7 @@ class MatchedFilter:
         stack = np.asarray(calibration.psf, dtype=np.float64)
         noise = calibration_noise(stack, calibration.centre_px)
         if noise > 0:
-            stack = denoised(stack, noise)
+            stack = denoised(stack, noise, calibration.centre_px)
         z = np.asarray(calibration.z_um, dtype=np.float64)
         step = float(np.median(np.diff(z))) if len(z) > 1 else 1.0
         every = max(1, round(TEMPLATE_SPACING_UM / step))
