@@ -18,3 +18,10 @@ def positive_float(text: str) -> float:
     if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
     return v
+
+
+def non_negative_float(text: str) -> float:
+    v = float(text)
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"must be a number of at least 0, got {text!r}")
+    return v

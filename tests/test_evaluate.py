@@ -299,6 +299,10 @@ def test_cli_unwritable_out_dir(tmp_path, capsys):
 
 def test_cli_rejects_bad_numbers(tmp_path, capsys):
     (tmp_path / "model").mkdir()
+    base = ["evaluate", "--model", str(tmp_path / "model"), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit):
+        main([*base, "--matched-filter-snr", "-1"])
+    assert "at least 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(
             [
@@ -350,8 +354,9 @@ def test_cli_options_reach_the_settings(untrained_bundle, tmp_path):
     argv = ["evaluate", "--model", str(path), "--out", str(out), "--quick", "--frames", "1"]
     argv += ["--isolated-frames", "0", "--snr-db", "5", "--densities", "3", "--seed", "4"]
     argv += ["--tolerances-um", "8,1", "--background-photons", "5", "--threads", "1"]
-    assert main([*argv, "--no-bounds"]) == 0
+    assert main([*argv, "--no-bounds", "--matched-filter-snr", "0"]) == 0
     d = json.loads((out / "results.json").read_text())
+    assert d["model"]["decode"]["matched_filter_snr"] == 0.0  # the analysis as applied
     st = d["settings"]
     assert st["frames"] == 1 and st["seed"] == 4 and st["tolerances_um"] == [8.0, 1.0]
     assert st["bounds"] is False and d["bounds"] is None

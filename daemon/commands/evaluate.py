@@ -7,6 +7,7 @@ PNG plots into ``--out``, and prints a compact table. See docs/evaluation.md.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import math
 import sys
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from focaltrack.daemon.argtypes import positive_int
+from focaltrack.daemon.argtypes import non_negative_float, positive_int
 
 log = logging.getLogger("focaltrack.evaluate")
 
@@ -132,6 +133,14 @@ def register(sub: Any) -> None:
         help="the localizer's last step: spline (the Poisson MLE fit of the calibration) or "
         "none (default: the model's setting)",
     )
+    p.add_argument(
+        "--matched-filter-snr",
+        type=non_negative_float,
+        default=None,
+        metavar="SNR",
+        help="the threshold of the fit residual's matched filter (docs/models.md); 0: off, "
+        "the analysis without it (default: the model's setting)",
+    )
     p.add_argument("--device", default=None, help="torch device for the model (auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(func=run)
@@ -189,6 +198,8 @@ def _run(args: argparse.Namespace) -> int:
         passes=args.passes,
         fit=args.fit,
     )
+    if args.matched_filter_snr is not None:
+        loc.decode = dataclasses.replace(loc.decode, matched_filter_snr=args.matched_filter_snr)
     info = model_info(loc, model_dir)
     z = np.asarray(loc.z_um, dtype=float)
     n_frames = sum(s.frames for s in settings.specs())
