@@ -440,9 +440,7 @@ class Localizer:
         for _ in range(max(0, st.matched_filter_rounds)):
             xyz = np.stack([r.x_px, r.y_px, r.z_um], 1)
             if len(xyz):
-                image = refiner.psf.render(
-                    shape, *(torch.as_tensor(v) for v in (r.x_px, r.y_px, r.z_um, r.photons))
-                ).to(torch.float32)
+                image = _light(refiner, shape, r).to(torch.float32)
                 back = float(np.median(r.background))
             else:
                 image = torch.zeros_like(ee)
@@ -466,12 +464,7 @@ class Localizer:
                 xyz, found, refiner.window_for(xyz[:, 2]), refiner.window_for(found[:, 2])
             )
             hold = np.nonzero(~again)[0]
-            held = None
-            if len(hold):
-                h = r.take(hold)
-                held = refiner.psf.render(
-                    shape, *(torch.as_tensor(v) for v in (h.x_px, h.y_px, h.z_um, h.photons))
-                )
+            held = _light(refiner, shape, r.take(hold)) if len(hold) else None
             refit = np.nonzero(again)[0]
             sub = refiner.fit(frame, np.concatenate([xyz[refit], found]), held=held)
             r = concat_refined(r.take(hold), sub)
@@ -682,6 +675,12 @@ def _near(a: np.ndarray, b: np.ndarray, st: DecodeSettings, px_um: float) -> np.
     )
     dz = np.abs(a[:, None, 2] - b[None, :, 2])
     return (dxy < reach[:, None]) & (dz < st.residual_exclusion_um)
+
+
+def _light(refiner: SplineRefiner, shape: tuple[int, int], r: Refined) -> torch.Tensor:
+    """(H, W) Σ photons · PSF of the fitted emitters ``r`` (e⁻, without background)."""
+    t = (torch.as_tensor(v) for v in (r.x_px, r.y_px, r.z_um, r.photons))
+    return refiner.psf.render(shape, *t)
 
 
 def _overlapping(
