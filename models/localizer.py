@@ -20,17 +20,19 @@ Per frame (DESIGN.md "Data flow"):
    ``merge_um`` axially are merged, keeping the higher score;
 8. with ``passes`` ≥ 2: the found emitters are fitted (least squares of the PSF table),
    subtracted, and the networks run again on the residual, finding emitters their
-   neighbours hid; before the spline fit, a matched filter of the calibration's deep
-   slices then searches the residual for the deep rings the networks still missed
-   (`focaltrack.models.residual_search`);
+   neighbours hid;
 9. the last step (``fit="spline"``, the default): every emitter fitted by Poisson maximum
    likelihood of the calibration's cubic spline, from the networks' positions
    (`focaltrack.models.refine`): each localization at the photons' precision with its
-   σ_x, σ_y, σ_z (the Cramér–Rao bound at the fit), photons, background and flags; those
+   σ_x, σ_y, σ_z (the Cramér–Rao bound at the fit), photons, background and flags; with
+   ``passes`` ≥ 2, a matched filter of the calibration's deep slices then searches the
+   fit's residual for the deep rings the networks still missed
+   (`focaltrack.models.residual_search`), which are fitted with their neighbours; those
    the fit cannot tell from noise (photons under ``min_significance`` σ) are dropped.
    ``fit="none"``: the networks' (or the residual passes') positions, flagged NOT_FITTED.
 
-``score`` = lateral probability × min(1, axial mass), in [0, 1].
+``score`` = lateral probability × min(1, axial mass), in [0, 1]; for an emitter the
+matched filter found, min(1, SNR / (2 × its threshold)).
 Coordinates: x = column × pixel size, y = row × pixel size (centre of pixel (0, 0) is
 (0, 0)); z in the calibration's convention (distance from the focal plane, µm).
 """
@@ -77,8 +79,8 @@ class DecodeSettings:
     merge_um: float = 4.0
     # passes ≥ 2: fit the calibration PSF to what was found, subtract it, run the networks on
     # the rest (passes − 1 times), then report every emitter at its fitted position. 2 by
-    # default (offline: `localize`, `evaluate`); the live service runs its own setting
-    # (`analysis.passes`, default 1), since a pass costs ~5x the networks on a CPU
+    # default, live and offline (the service's `analysis.passes` = 0 runs the model's
+    # setting); `passes = 1` with `fit = "none"` is the networks alone, at camera rate
     passes: int = 2
     residual_threshold: float = 0.3  # min score of an emitter found in a residual
     # an emitter found in a residual this close to an earlier one (both) is the misfit's

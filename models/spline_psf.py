@@ -124,7 +124,7 @@ def angular_projection(
     stack's noise is spread over every order: a ring 50 px out has ~300 pixels and keeps
     34 numbers. On `evaluate`'s isolated bright emitters with the default calibration (4
     frames averaged per slice) this took the RMSE from 0.14 / 0.33 µm (lateral / axial)
-    to 0.11 / 0.23 µm (order 8; orders 4 and 12 were no better)."""
+    to 0.11 / 0.24 µm (order 8; orders 4 and 12 were no better)."""
     z, hh, ww = stack.shape
     cx, cy = centre_px
     yy, xx = np.mgrid[:hh, :ww]

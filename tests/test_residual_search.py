@@ -12,7 +12,7 @@ import torch
 from test_mle import sim_calibration
 
 from focaltrack.calibration import Calibration
-from focaltrack.models.residual_search import MatchedFilter
+from focaltrack.models.residual_search import TEMPLATE_SPACING_UM, Z_FROM_FRACTION, MatchedFilter
 from focaltrack.models.spline_psf import SplinePSF
 
 SHAPE = (160, 160)
@@ -53,10 +53,14 @@ def variance() -> torch.Tensor:
 
 def test_templates_are_the_deep_slices(mf: MatchedFilter, cal: Calibration) -> None:
     z = np.asarray(cal.z_um)
-    assert mf.z_um.min() >= z[0] + 0.25 * (z[-1] - z[0])
-    assert mf.z_um.max() <= z[-1]
-    assert np.all(np.diff(mf.z_um) > 0)
-    assert mf.templates.shape[0] == len(mf.z_um) >= 5
+    first = z[z >= z[0] + Z_FROM_FRACTION * (z[-1] - z[0])][0]
+    step = float(np.median(np.diff(z)))
+    assert mf.z_um[0] == pytest.approx(first)
+    np.testing.assert_allclose(np.diff(mf.z_um), round(TEMPLATE_SPACING_UM / step) * step)
+    assert mf.templates.shape == (len(mf.z_um), *cal.psf.shape[1:])
+    # each template is its slice, denoised: the same light where the ring is
+    k = int(np.argmin(np.abs(z - mf.z_um[-1])))
+    assert float(mf.templates[-1].sum()) == pytest.approx(float(cal.psf[k].sum()), rel=0.05)
 
 
 def test_a_ring_under_the_noise_is_found_where_it_is(mf: MatchedFilter, psf: SplinePSF) -> None:
@@ -119,3 +123,38 @@ def test_a_faint_find_in_a_bright_emitters_light_is_its_model_error() -> None:
     assert FIND_MIN_RATIO == pytest.approx(0.1)
     assert drop.tolist() == [False, False, False, False, True]
     assert not _under_brighter(r, len(x), window).any()
+
+
+def test_the_localizer_adds_what_the_filter_finds_and_keeps_its_rows(tmp_path) -> None:
+    """`Localizer._search_residual` on a frame whose bright emitter was fitted and whose
+    two deep ones were missed: both are found and fitted, each row keeps its own score (the
+    fitted emitter's; the finds' between 0.5 and 1), and each lies where its emitter is."""
+    from cnn_fixtures import save_untrained_bundle
+
+    from focaltrack.models.localizer import DecodeSettings, Localizer
+
+    path, cal = save_untrained_bundle(tmp_path / "model")
+    loc = Localizer.from_bundle(path, device="cpu")
+    shape = (192, 192)
+    truth = np.array([[60.0, 60.0, 10.0, 40000.0], [130.0, 70.0, 60.0, 8000.0],
+                      [90.0, 140.0, 80.0, 8000.0]])  # fmt: skip
+    t = torch.as_tensor(truth, dtype=torch.float64)
+    psf = loc.refiner.psf
+    mu = psf.render(shape, t[:, 0], t[:, 1], t[:, 2], t[:, 3]).double().numpy() + 10.0
+    rng = np.random.default_rng(5)
+    noise = cal.noise
+    e = rng.poisson(mu) + rng.normal(0.0, noise.read_noise_adu * noise.gain_e_per_adu, shape)
+    adu = np.rint(e / noise.gain_e_per_adu + noise.offset_adu).clip(0, 65535).astype(np.uint16)
+    fitted = loc.refiner.fit(adu, truth[:1, :3] + 0.3)
+    st = DecodeSettings()
+    r, score = loc._search_residual(adu, loc._electrons(adu[None])[0], fitted, np.array([0.9]), st)
+    assert len(r.x_px) == len(score) == 3, (r, score)
+    xy = np.column_stack([r.x_px, r.y_px])
+    for i, (x, y) in enumerate(truth[:, :2]):
+        k = int(np.argmin(np.hypot(xy[:, 0] - x, xy[:, 1] - y)))
+        assert np.hypot(xy[k, 0] - x, xy[k, 1] - y) < 1.0, (i, xy)
+        assert abs(r.z_um[k] - truth[i, 2]) < 3.0, (i, r.z_um)
+        if i == 0:
+            assert score[k] == pytest.approx(0.9)
+        else:
+            assert 0.5 <= score[k] <= 1.0
