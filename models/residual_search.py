@@ -22,7 +22,7 @@ found emitters: most candidates are such, and are cut there).
 
 All depths at once: one FFT of the residual and of v, one product per template (its FFT
 computed once per frame shape), one inverse FFT per template. The templates are the
-calibration's slices, denoised as for the spline (`spline_psf.denoised`), from
+calibration's slices, denoised as for the spline (`spline_psf.model_stack`), from
 `Z_FROM_FRACTION` of its range down (the networks find shallow emitters: 2 of those 141
 were within 20 µm of focus; a compact shallow template answers most to the remainders of
 bright emitters) every ``TEMPLATE_SPACING_UM`` (about one ring-radius step of 1.5 px at
@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from focaltrack.calibration import Calibration
-from focaltrack.models.spline_psf import calibration_noise, denoised
+from focaltrack.models.spline_psf import model_stack
 
 __all__ = ["TEMPLATE_SPACING_UM", "Z_FROM_FRACTION", "MatchedFilter"]
 
@@ -50,10 +50,7 @@ class MatchedFilter:
     """The calibration's deep slices as matched filters for a residual (module docstring)."""
 
     def __init__(self, calibration: Calibration, *, device: torch.device | str = "cpu") -> None:
-        stack = np.asarray(calibration.psf, dtype=np.float64)
-        noise = calibration_noise(stack, calibration.centre_px)
-        if noise > 0:
-            stack = denoised(stack, noise, calibration.centre_px)
+        stack, _ = model_stack(calibration)
         z = np.asarray(calibration.z_um, dtype=np.float64)
         step = float(np.median(np.diff(z))) if len(z) > 1 else 1.0
         every = max(1, round(TEMPLATE_SPACING_UM / step))

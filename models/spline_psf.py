@@ -53,6 +53,7 @@ __all__ = [
     "denoised",
     "frame_index",
     "gather",
+    "model_stack",
     "not_a_knot_matrix",
 ]
 
@@ -146,6 +147,16 @@ def angular_projection(
     return out.reshape(stack.shape)
 
 
+def model_stack(calibration: Calibration, *, denoise: bool = True) -> tuple[np.ndarray, float]:
+    """The calibration stack (float64) a model is built from, `denoised` unless
+    ``denoise`` is False or it has no noise, and its noise level (`calibration_noise`)."""
+    stack = np.asarray(calibration.psf, dtype=np.float64)
+    noise = calibration_noise(stack, calibration.centre_px)
+    if denoise and noise > 0:
+        stack = denoised(stack, noise, calibration.centre_px)
+    return stack, noise
+
+
 def not_a_knot_matrix(n: int) -> np.ndarray:
     """(n + 2, n) matrix M: the uniform cubic B-spline coefficients c₋₁ … cₙ of the
     not-a-knot interpolant of n samples f₀ … fₙ₋₁ are ``M @ f``.
@@ -204,10 +215,7 @@ class SplinePSF:
         dtype: torch.dtype = torch.float32,
         denoise: bool = True,
     ) -> None:
-        stack = np.asarray(calibration.psf, dtype=np.float64)
-        self.noise_level = calibration_noise(stack, calibration.centre_px)
-        if denoise and self.noise_level > 0:
-            stack = denoised(stack, self.noise_level, calibration.centre_px)
+        stack, self.noise_level = model_stack(calibration, denoise=denoise)
         z = np.asarray(calibration.z_um, dtype=np.float64)
         step = float(np.median(np.diff(z)))
         if np.max(np.abs(np.diff(z) - step)) > 0.01 * step:
