@@ -42,6 +42,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -201,9 +202,6 @@ class Localizer:
         self._z = torch.as_tensor(self.z_um, dtype=torch.float32, device=self.device)
         synth = self.meta.get("training", {}).get("settings", {}).get("synth", {})
         self.offset_scale = float(synth.get("axial_label_radius_px", 1.0))
-        self._fitter: PSFFitter | None = None
-        self._refiner: SplineRefiner | None = None
-        self._matched_filter: MatchedFilter | None = None
 
     @classmethod
     def from_bundle(
@@ -317,12 +315,10 @@ class Localizer:
         ]
 
     # ------------------------------------------------------------- the last step
-    @property
+    @cached_property
     def refiner(self) -> SplineRefiner:
         """The spline maximum-likelihood fit (built on first use)."""
-        if self._refiner is None:
-            self._refiner = SplineRefiner(self.calibration, device=self.device)
-        return self._refiner
+        return SplineRefiner(self.calibration, device=self.device)
 
     def _fit_spline(
         self,
@@ -369,12 +365,10 @@ class Localizer:
         )
 
     # ------------------------------------------------------------ residual passes
-    @property
+    @cached_property
     def fitter(self) -> PSFFitter:
         """The calibration-PSF fitter (built on first use: a 100-MB table)."""
-        if self._fitter is None:
-            self._fitter = PSFFitter(self.calibration, device=self.device)
-        return self._fitter
+        return PSFFitter(self.calibration, device=self.device)
 
     @torch.inference_mode()
     def _residual_passes(
@@ -415,12 +409,10 @@ class Localizer:
                 break
         return xyz, score
 
-    @property
+    @cached_property
     def matched_filter(self) -> MatchedFilter:
         """The residual's matched filter (built on first use)."""
-        if self._matched_filter is None:
-            self._matched_filter = MatchedFilter(self.calibration, device=self.device)
-        return self._matched_filter
+        return MatchedFilter(self.calibration, device=self.device)
 
     def _search_residual(
         self, frame: np.ndarray, e: torch.Tensor, r: Refined, score: np.ndarray, st: DecodeSettings
@@ -685,15 +677,21 @@ def _light(refiner: SplineRefiner, shape: tuple[int, int], r: Refined) -> torch.
     return refiner.psf.render(shape, *t)
 
 
+def _within(a: np.ndarray, b: np.ndarray, reach: np.ndarray) -> np.ndarray:
+    """(A, B) bool: points ``a`` (A, ≥ 2: x, y px) less than ``reach`` (broadcast to
+    (A, B)) from points ``b`` along both x and y."""
+    dx = np.abs(a[:, None, 0] - b[None, :, 0])
+    dy = np.abs(a[:, None, 1] - b[None, :, 1])
+    return (dx < reach) & (dy < reach)
+
+
 def _overlapping(
     xyz: np.ndarray, found: np.ndarray, window_px: np.ndarray, found_window_px: np.ndarray
 ) -> np.ndarray:
     """(n,) bool: the emitters ``xyz`` (x px, y px, z) whose fit windows (``window_px``)
     overlap the window of any of ``found``."""
     reach = 0.5 * (np.asarray(window_px)[:, None] + np.asarray(found_window_px)[None, :])
-    dx = np.abs(xyz[:, None, 0] - found[None, :, 0])
-    dy = np.abs(xyz[:, None, 1] - found[None, :, 1])
-    return ((dx < reach) & (dy < reach)).any(1)
+    return np.asarray(_within(xyz, found, reach).any(1))
 
 
 def _under_brighter(r: Refined, first: int, window_px: np.ndarray) -> np.ndarray:
@@ -705,11 +703,10 @@ def _under_brighter(r: Refined, first: int, window_px: np.ndarray) -> np.ndarray
     out = np.zeros(len(r.x_px), dtype=bool)
     if first >= len(r.x_px):
         return out
-    dx = np.abs(r.x_px[first:, None] - r.x_px[None, :])
-    dy = np.abs(r.y_px[first:, None] - r.y_px[None, :])
-    half = 0.5 * np.asarray(window_px, dtype=np.float64)[None, :]
+    xy = np.column_stack([r.x_px, r.y_px])
+    inside = _within(xy[first:], xy, 0.5 * np.asarray(window_px, dtype=np.float64)[None, :])
     brighter = r.photons[first:, None] < FIND_MIN_RATIO * r.photons[None, :]
-    out[first:] = ((dx < half) & (dy < half) & brighter).any(1)
+    out[first:] = (inside & brighter).any(1)
     return out
 
 

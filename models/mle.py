@@ -383,15 +383,15 @@ def fit_windows(
         theta, evaluate, bounds, tolerance, max_iter
     )
     sigma = covariance(state.info).diagonal(dim1=1, dim2=2).sqrt()
-    held = _at_bound(theta, lo, hi)
+    bounded = _at_bound(theta, lo, hi)
     return MLEFit(
         theta=theta,
         sigma=sigma,
         deviance=-2.0 * state.ll,
         iterations=iterations,
         converged=converged,
-        at_bound=held.any(-1),
-        xy_at_bound=held[:, :2].any(-1),
+        at_bound=bounded.any(-1),
+        xy_at_bound=bounded[:, :2].any(-1),
     )
 
 
@@ -510,13 +510,13 @@ def _fit_joint(
     terms = log_likelihood_terms(d_canvas, model.canvas[:-1] + rv_canvas) * covered
     deviance = -2.0 * (layout.gather(terms) * layout.inside).sum(-1, dtype=torch.float64)
     sigma = per_emitter(layout, covariance(state.info)).diagonal(dim1=1, dim2=2).sqrt()
-    held = _at_bound(th, lo_e, hi_e)
+    bounded = _at_bound(th, lo_e, hi_e)
     return MLEFit(
         theta=th,
         sigma=sigma,
         deviance=deviance,
         iterations=iterations[layout.frame],
         converged=converged[layout.frame],
-        at_bound=held.any(-1),
-        xy_at_bound=held[:, :2].any(-1),
+        at_bound=bounded.any(-1),
+        xy_at_bound=bounded[:, :2].any(-1),
     )
