@@ -2,7 +2,7 @@
 
 An emitter's parameters are θ = (x_px, y_px, z_um, photons, background) (`PARAMETERS`);
 its expected image on a window of the frame is μ = photons · PSF(x, y, z) + background
-(photo-electrons per pixel, `focaltrack.models.spline_psf.SplinePSF`).
+(photo-electrons per pixel, `focaltrack.sim.spline_psf.SplinePSF`).
 
 Noise: each pixel is Poisson in photo-electrons plus Gaussian read noise of variance σ²
 (e⁻², one number or a per-pixel sCMOS map). Its likelihood is approximated as the
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
+from focaltrack.sim.spline_psf import SplinePSF, frame_index, gather
 
 __all__ = [
     "N_PARAMS",

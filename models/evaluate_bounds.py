@@ -1,7 +1,7 @@
 """What physics allows at each evaluation point: Cramér–Rao bounds and the ideal recall.
 
 For every true emitter of a point's frames, from the **calibration model** (the model's
-calibration PSF as `focaltrack.models.spline_psf.SplinePSF`, a tricubic spline of the bead
+calibration PSF as `focaltrack.sim.spline_psf.SplinePSF`, a tricubic spline of the bead
 stack) with Poisson plus read noise (variance μ + σ² per pixel, `focaltrack.models.crlb`):
 
 - the **joint** Cramér–Rao bound: the Fisher information of all of a frame's parameters —
@@ -46,7 +46,7 @@ import torch
 
 from focaltrack.calibration import Calibration
 from focaltrack.models.crlb import covariance, fisher
-from focaltrack.models.spline_psf import SplinePSF, frame_index
+from focaltrack.sim.spline_psf import SplinePSF, frame_index
 
 if TYPE_CHECKING:
     from focaltrack.models.evaluate_report import Report

@@ -2,7 +2,7 @@
 
 Every emitter's θ = (x_px, y_px, z_um, photons, background) (`focaltrack.models.crlb`) is
 fitted to the photo-electrons of a window of the frame around its start, the model being
-photons · PSF + background (`focaltrack.models.spline_psf.SplinePSF`), as SMAP's GPU fitter
+photons · PSF + background (`focaltrack.sim.spline_psf.SplinePSF`), as SMAP's GPU fitter
 does (Li et al. 2018, Nat. Methods 15, 367; Smith et al. 2010, Nat. Methods 7, 373):
 
 - Likelihood: Poisson in photo-electrons; Gaussian read noise of variance σ² (e⁻², one
@@ -59,7 +59,7 @@ from focaltrack.models.crlb import (
     per_emitter,
     window_model,
 )
-from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
+from focaltrack.sim.spline_psf import SplinePSF, frame_index, gather
 
 __all__ = [
     "MLEFit",

@@ -50,8 +50,8 @@ from focaltrack.models.mle import (
     log_likelihood_terms,
     start_amplitudes,
 )
-from focaltrack.models.spline_psf import SplinePSF, frame_index, gather
 from focaltrack.records import LocFlag
+from focaltrack.sim.spline_psf import SplinePSF, frame_index, gather
 
 __all__ = [
     "LIGHT_FRACTION",

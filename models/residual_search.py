@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from focaltrack.calibration import Calibration
-from focaltrack.models.spline_psf import model_stack
+from focaltrack.sim.spline_psf import model_stack
 
 __all__ = ["TEMPLATE_SPACING_UM", "Z_FROM_FRACTION", "MatchedFilter"]
 

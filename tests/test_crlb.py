@@ -19,7 +19,7 @@ from focaltrack.models.crlb import (
     joint_fisher,
     joint_model,
 )
-from focaltrack.models.spline_psf import SplinePSF
+from focaltrack.sim.spline_psf import SplinePSF
 
 F64 = torch.float64
 KNOWN_BACKGROUND = (True, True, True, True, False)  # x, y, z, photons free

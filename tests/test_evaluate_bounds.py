@@ -15,7 +15,7 @@ from cnn_fixtures import make_calibration
 from focaltrack.models import evaluate as ev
 from focaltrack.models.crlb import crlb
 from focaltrack.models.evaluate_bounds import BOUND_COLUMNS, IDEAL_SNR, BoundModel
-from focaltrack.models.spline_psf import SplinePSF
+from focaltrack.sim.spline_psf import SplinePSF
 
 MIC = ev.Microscope()
 PX = MIC.pixel_size_um

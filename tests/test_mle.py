@@ -15,8 +15,8 @@ from cnn_fixtures import OPTICS, make_calibration
 from focaltrack.calibration import Calibration, NoiseModel
 from focaltrack.models.crlb import JointLayout, crlb, joint_crlb, joint_model
 from focaltrack.models.mle import electrons, fit_frames, fit_windows
-from focaltrack.models.spline_psf import SplinePSF
 from focaltrack.sim.psf import PSFModel
+from focaltrack.sim.spline_psf import SplinePSF
 
 F64 = torch.float64
 SIZE = (32, 32)

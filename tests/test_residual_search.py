@@ -13,7 +13,7 @@ from test_mle import sim_calibration
 
 from focaltrack.calibration import Calibration
 from focaltrack.models.residual_search import TEMPLATE_SPACING_UM, Z_FROM_FRACTION, MatchedFilter
-from focaltrack.models.spline_psf import SplinePSF
+from focaltrack.sim.spline_psf import SplinePSF
 
 SHAPE = (160, 160)
 BACKGROUND_E = 10.0

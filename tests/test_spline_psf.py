@@ -1,4 +1,4 @@
-"""The tricubic spline PSF (`focaltrack.models.spline_psf`): it passes through the stack,
+"""The tricubic spline PSF (`focaltrack.sim.spline_psf`): it passes through the stack,
 shifts exactly, has the derivatives of its values, and is batched correctly."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 from scipy.special import erf
 
 from focaltrack.calibration import Calibration, NoiseModel
-from focaltrack.models.spline_psf import (
+from focaltrack.sim.spline_psf import (
     SplinePSF,
     angular_projection,
     denoised,
