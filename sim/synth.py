@@ -10,11 +10,14 @@ How an image is made (the method of seed 002, with continuous z):
    seed 002 evaluates 20 per 100 µm), positions uniform over the image plus a margin of
    half a calibration window (emitters outside still spill light in), z uniform and
    continuous over the calibration's z range, intensities uniform in ``intensity``.
-2. **Rendering**: each emitter is its calibration PSF, linearly interpolated between
-   calibration slices to its z and bilinearly shifted to its sub-pixel position. Both are
-   precomputed once into a table (`PSFTable`: z every ``z_step_fraction`` of the calibration
-   step, ``phases`` × ``phases`` sub-pixel phases), so drawing is a table gather plus one
-   ``index_add_`` — no per-emitter Python.
+2. **Rendering**: each emitter is the calibration's PSF model at its z and sub-pixel
+   position: by default the denoised tricubic spline the localizer's maximum-likelihood fit
+   uses (`focaltrack.sim.spline_psf.SplinePSF`: smooth in z, exact sub-pixel shifts), so the
+   networks learn the model the fit refines with; ``psf_model="stack"`` gives the raw stack
+   linearly interpolated in z and bilinearly shifted (the synthesizer before, kept for
+   comparison). Either is precomputed once into a table (`PSFTable`: z every
+   ``z_step_fraction`` of the calibration step, ``phases`` × ``phases`` sub-pixel phases), so
+   drawing is a table gather plus one ``index_add_`` — no per-emitter Python.
 3. **Brightness and noise**: per image a background B (e⁻/pixel, log-uniform in
    ``background_e``, none with probability ``p_no_background``) and an SNR uniform in dB
    in ``snr_db``. The SNR is that of the *reference emitter* — intensity 1, at the middle
@@ -41,6 +44,7 @@ import torch.nn.functional as F
 
 from focaltrack.calibration.format import Calibration
 from focaltrack.calibration.preprocess import Preprocess
+from focaltrack.sim.spline_psf import SplinePSF
 
 UM_PER_DENSITY_AREA = 100.0  # densities are per (100 µm)² of sample
 
@@ -56,6 +60,7 @@ class SynthConfig:
     background_e: tuple[float, float] = (1.0, 300.0)  # e⁻/pixel, log-uniform
     z_step_fraction: float = 0.5  # PSF table z step, fraction of the calibration's step
     phases: int = 4  # PSF table sub-pixel phases per axis
+    psf_model: str = "spline"  # "spline" (the fit's denoised model) or "stack" (raw, bilinear)
     # axial windows
     axial_jitter_px: float = 1.5  # centre emitter displaced up to this (lateral error)
     # emitters this close to the centre are labels: the lateral detector's peak spacing (two
@@ -86,46 +91,33 @@ class PSFTable:
         z_step_fraction: float = 0.5,
         phases: int = 4,
         device: torch.device | str = "cpu",
+        model: str = "spline",
     ) -> None:
-        psf = torch.as_tensor(calibration.psf, dtype=torch.float32)
         z = calibration.z_um
         step = calibration.z_step_um * z_step_fraction
         n_fine = round((z[-1] - z[0]) / step) + 1
         self.z_fine = np.linspace(z[0], z[-1], n_fine)
-        # linear interpolation in z between calibration slices
-        pos = np.interp(self.z_fine, z, np.arange(len(z)))
-        i0 = np.clip(np.floor(pos).astype(int), 0, len(z) - 2)
-        w = torch.as_tensor(pos - i0, dtype=torch.float32)[:, None, None]
-        fine = psf[i0] * (1 - w) + psf[i0 + 1] * w  # (Zf, H, W)
-        zf, h, wd = fine.shape
-        # bilinear sub-pixel shifts via grid_sample (align_corners=True: pixel centres)
-        ys = torch.arange(h, dtype=torch.float32)
-        xs = torch.arange(wd, dtype=torch.float32)
-        out = torch.empty((zf, phases, phases, h, wd), dtype=torch.float32)
-        for py in range(phases):
-            for px in range(phases):
-                sy, sx = py / phases, px / phases
-                gy = (ys - sy) / (h - 1) * 2 - 1
-                gx = (xs - sx) / (wd - 1) * 2 - 1
-                grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
-                grid = grid.expand(zf, h, wd, 2)
-                out[:, py, px] = F.grid_sample(
-                    fine[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
-                )[:, 0]
-        self.table = out.to(device)
-        self.phases = phases
-        self.window = (h, wd)
-        self.z0 = float(z[0])
-        self.z_step = float(self.z_fine[1] - self.z_fine[0])
-        self.device = torch.device(device)
         if hasattr(calibration, "centre_px"):  # the calibration's own centring contract
             cx, cy = calibration.centre_px
             self.centre = (float(cy), float(cx))
         else:  # pragma: no cover - older Calibration without centre_px
             focal = calibration.psf[int(np.argmax(calibration.psf.max(axis=(1, 2))))]
             self.centre = _centroid(focal.astype(np.float64))
+        if model == "spline":
+            out = _spline_table(calibration, self.z_fine, phases, self.centre)
+        elif model == "stack":
+            out = _stack_table(calibration, self.z_fine, phases)
+        else:
+            raise ValueError(f"PSF model must be 'spline' or 'stack', got {model!r}")
+        self.table = out.to(device)
+        self.model = model
+        self.phases = phases
+        self.window = (int(out.shape[-2]), int(out.shape[-1]))
+        self.z0 = float(z[0])
+        self.z_step = float(self.z_fine[1] - self.z_fine[0])
+        self.device = torch.device(device)
         z_mid = 0.5 * (z[0] + z[-1])
-        self.reference_peak = float(fine[int(np.argmin(np.abs(self.z_fine - z_mid)))].max())
+        self.reference_peak = float(out[int(np.argmin(np.abs(self.z_fine - z_mid))), 0, 0].max())
 
     def render(
         self,
@@ -203,6 +195,61 @@ class PSFTable:
         return out
 
 
+def _stack_table(calibration: Calibration, z_fine: np.ndarray, phases: int) -> torch.Tensor:
+    """(Zf, phases, phases, H, W): the raw stack linearly interpolated in z between slices,
+    shifted bilinearly to each sub-pixel phase."""
+    psf = torch.as_tensor(calibration.psf, dtype=torch.float32)
+    z = calibration.z_um
+    pos = np.interp(z_fine, z, np.arange(len(z)))
+    i0 = np.clip(np.floor(pos).astype(int), 0, len(z) - 2)
+    w = torch.as_tensor(pos - i0, dtype=torch.float32)[:, None, None]
+    fine = psf[i0] * (1 - w) + psf[i0 + 1] * w  # (Zf, H, W)
+    zf, h, wd = fine.shape
+    # bilinear sub-pixel shifts via grid_sample (align_corners=True: pixel centres)
+    ys = torch.arange(h, dtype=torch.float32)
+    xs = torch.arange(wd, dtype=torch.float32)
+    out = torch.empty((zf, phases, phases, h, wd), dtype=torch.float32)
+    for py in range(phases):
+        for px in range(phases):
+            sy, sx = py / phases, px / phases
+            gy = (ys - sy) / (h - 1) * 2 - 1
+            gx = (xs - sx) / (wd - 1) * 2 - 1
+            grid = torch.stack(torch.meshgrid(gx, gy, indexing="xy"), dim=-1)
+            grid = grid.expand(zf, h, wd, 2)
+            out[:, py, px] = F.grid_sample(
+                fine[:, None], grid, mode="bilinear", padding_mode="zeros", align_corners=True
+            )[:, 0]
+    return out
+
+
+def _spline_table(
+    calibration: Calibration, z_fine: np.ndarray, phases: int, centre: tuple[float, float]
+) -> torch.Tensor:
+    """(Zf, phases, phases, H, W): the denoised tricubic spline the localizer fits with,
+    evaluated exactly at each z and sub-pixel phase on the calibration window. What noise
+    the denoising leaves is zero-mean and stays signed (clipping it would add a pedestal
+    of ~10 % of the light at focus); `Synthesizer.expose` clips the expected image."""
+    spline = SplinePSF(calibration, dtype=torch.float32)
+    h, w = calibration.window_px
+    cy, cx = centre
+    zf = len(z_fine)
+    ph = torch.arange(phases, dtype=torch.float32) / phases
+    sy, sx = torch.meshgrid(ph, ph, indexing="ij")  # (py, px) shifts down and right
+    out = torch.empty((zf, phases, phases, h, w), dtype=torch.float32)
+    origin = torch.zeros((phases * phases, 2), dtype=torch.long)
+    for iz, zv in enumerate(z_fine.tolist()):
+        value = spline.evaluate(
+            cx + sx.reshape(-1),
+            cy + sy.reshape(-1),
+            torch.full((phases * phases,), zv),
+            origin,
+            (h, w),
+            derivatives=False,
+        ).value
+        out[iz] = value.reshape(phases, phases, h, w)
+    return out
+
+
 def _centroid(img: np.ndarray) -> tuple[float, float]:
     iy, ix = np.unravel_index(int(np.argmax(img)), img.shape)
     r = 3
@@ -267,6 +314,7 @@ class Synthesizer:
             z_step_fraction=self.config.z_step_fraction,
             phases=self.config.phases,
             device=self.device,
+            model=self.config.psf_model,
         )
         self.pre = Preprocess.from_noise(self.calibration.noise)
         self.gen = torch.Generator(device=self.device)

@@ -11,6 +11,7 @@ from cnn_fixtures import make_calibration
 
 from focaltrack.calibration import NoiseModel
 from focaltrack.calibration.preprocess import DEFAULT_GAIN_E_PER_ADU, Preprocess
+from focaltrack.sim.spline_psf import SplinePSF, model_stack
 from focaltrack.sim.synth import (
     Emitters,
     SynthConfig,
@@ -42,51 +43,74 @@ def _em(**cols: list[float]) -> Emitters:
     )
 
 
-def test_render_reproduces_calibration_slice(cal, synth):
-    """An emitter on the calibration's centre pixel at a calibration z is that slice."""
-    cy, cx = synth.table.centre
+@pytest.fixture(scope="module")
+def stack_synth(cal):
+    return Synthesizer(cal, config=SynthConfig(psf_model="stack"), seed=3)
+
+
+def _one(x: float, y: float, z: float, amp: float = 1.0) -> tuple[torch.Tensor, ...]:
+    return (
+        torch.tensor([0]),
+        torch.tensor([x]),
+        torch.tensor([y]),
+        torch.tensor([z]),
+        torch.tensor([amp]),
+    )
+
+
+@pytest.mark.parametrize("model", ["spline", "stack"])
+def test_render_reproduces_calibration_slice(cal, synth, stack_synth, model):
+    """An emitter on the calibration's centre pixel at a calibration z is that slice of the
+    model: the denoised stack the spline interpolates, or the raw stack."""
+    table = (synth if model == "spline" else stack_synth).table
+    assert table.model == model
+    ref = model_stack(cal)[0] if model == "spline" else cal.psf.astype(np.float64)
+    cy, cx = table.centre
     h, w = cal.window_px
     for k in (0, 10, 50):
-        img = synth.table.render(
-            (h, w),
-            1,
-            torch.tensor([0]),
-            torch.tensor([cx]),
-            torch.tensor([cy]),
-            torch.tensor([float(cal.z_um[k])]),
-            torch.tensor([2.0]),
-        )[0].numpy()
-        np.testing.assert_allclose(img, 2.0 * cal.psf[k], atol=1e-6 * cal.psf[k].max() + 1e-9)
+        img = table.render((h, w), 1, *_one(cx, cy, float(cal.z_um[k]), 2.0))[0].numpy()
+        np.testing.assert_allclose(img, 2.0 * ref[k], atol=1e-5 * ref[k].max() + 1e-9)
 
 
-def test_render_places_and_interpolates(cal, synth):
-    """Sub-pixel shifts move the centroid; z between slices interpolates linearly."""
+@pytest.mark.parametrize("model", ["spline", "stack"])
+def test_render_places_and_interpolates(cal, synth, stack_synth, model):
+    """Sub-pixel shifts move the centroid; between slices, z interpolates (the stack table
+    linearly; the spline table is the localizer's spline itself, at every z and phase)."""
+    table = (synth if model == "spline" else stack_synth).table
     size = 256
     x0, y0 = 100.0, 120.0
-    args = (torch.tensor([0]), torch.tensor([x0]), torch.tensor([y0]))
-    z = torch.tensor([30.0])
-    a = synth.table.render((size, size), 1, *args, z, torch.ones(1))[0].numpy().astype(np.float64)
-    shifted = (torch.tensor([0]), torch.tensor([x0 + 0.5]), torch.tensor([y0 - 0.25]))
-    b = (
-        synth.table.render((size, size), 1, *shifted, z, torch.ones(1))[0]
-        .numpy()
-        .astype(np.float64)
-    )
+    a = table.render((size, size), 1, *_one(x0, y0, 30.0))[0].numpy().astype(np.float64)
+    b = table.render((size, size), 1, *_one(x0 + 0.5, y0 - 0.25, 30.0))[0].numpy()
     yy, xx = np.mgrid[:size, :size]
 
     def centroid(im: np.ndarray) -> tuple[float, float]:
         return float((im * xx).sum() / im.sum()), float((im * yy).sum() / im.sum())
 
-    (ax, ay), (bx, by) = centroid(a), centroid(b)
+    (ax, ay), (bx, by) = centroid(a), centroid(b.astype(np.float64))
     assert bx - ax == pytest.approx(0.5, abs=0.02)
     assert by - ay == pytest.approx(-0.25, abs=0.02)
     # z = 31 µm lies halfway between the 30 and 32 µm slices
-    mid = synth.table.render((size, size), 1, *args, torch.tensor([31.0]), torch.ones(1))[0]
-    k30, k32 = (int(np.argmin(abs(cal.z_um - z))) for z in (30.0, 32.0))
-    c30 = synth.table.render((size, size), 1, *args, torch.tensor([30.0]), torch.ones(1))[0]
-    c32 = synth.table.render((size, size), 1, *args, torch.tensor([32.0]), torch.ones(1))[0]
-    assert k32 == k30 + 1
-    np.testing.assert_allclose(mid.numpy(), (0.5 * (c30 + c32)).numpy(), atol=1e-7)
+    mid = table.render((size, size), 1, *_one(x0, y0, 31.0))[0]
+    if model == "stack":
+        k30, k32 = (int(np.argmin(abs(cal.z_um - z))) for z in (30.0, 32.0))
+        c30 = table.render((size, size), 1, *_one(x0, y0, 30.0))[0]
+        c32 = table.render((size, size), 1, *_one(x0, y0, 32.0))[0]
+        assert k32 == k30 + 1
+        np.testing.assert_allclose(mid.numpy(), (0.5 * (c30 + c32)).numpy(), atol=1e-7)
+    else:
+        spline = SplinePSF(cal)
+        for x, y, got in ((x0, y0, mid), (x0 + 0.5, y0 - 0.25, None)):
+            want = spline.render(
+                (size, size),
+                torch.tensor([x]),
+                torch.tensor([y]),
+                torch.tensor([31.0]),
+                torch.ones(1),
+                window=cal.window_px,
+            )
+            if got is None:
+                got = table.render((size, size), 1, *_one(x, y, 31.0))[0]
+            np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6 * float(want.max()))
 
 
 def test_emitters_outside_spill_light_in(synth):
