@@ -304,6 +304,9 @@ def test_cli_rejects_bad_numbers(tmp_path, capsys):
         main([*base, "--matched-filter-snr", "-1"])
     assert "at least 0" in capsys.readouterr().err
     with pytest.raises(SystemExit):
+        main([*base, "--matched-filter-rounds", "0"])
+    assert "--matched-filter-rounds" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
         main(
             [
                 "evaluate",
@@ -354,9 +357,11 @@ def test_cli_options_reach_the_settings(untrained_bundle, tmp_path):
     argv = ["evaluate", "--model", str(path), "--out", str(out), "--quick", "--frames", "1"]
     argv += ["--isolated-frames", "0", "--snr-db", "5", "--densities", "3", "--seed", "4"]
     argv += ["--tolerances-um", "8,1", "--background-photons", "5", "--threads", "1"]
-    assert main([*argv, "--no-bounds", "--matched-filter-snr", "0"]) == 0
+    argv += ["--no-bounds", "--matched-filter-snr", "0", "--matched-filter-rounds", "3"]
+    assert main(argv) == 0
     d = json.loads((out / "results.json").read_text())
     assert d["model"]["decode"]["matched_filter_snr"] == 0.0  # the analysis as applied
+    assert d["model"]["decode"]["matched_filter_rounds"] == 3
     st = d["settings"]
     assert st["frames"] == 1 and st["seed"] == 4 and st["tolerances_um"] == [8.0, 1.0]
     assert st["bounds"] is False and d["bounds"] is None

@@ -141,6 +141,14 @@ def register(sub: Any) -> None:
         help="the threshold of the fit residual's matched filter (docs/models.md); 0: off, "
         "the analysis without it (default: the model's setting)",
     )
+    p.add_argument(
+        "--matched-filter-rounds",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="rounds of the residual's matched filter, each a search and a fit "
+        "(default: the model's setting)",
+    )
     p.add_argument("--device", default=None, help="torch device for the model (auto)")
     p.add_argument("--threads", type=positive_int, default=None, help="CPU threads for torch")
     p.set_defaults(func=run)
@@ -200,6 +208,10 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.matched_filter_snr is not None:
         loc.decode = dataclasses.replace(loc.decode, matched_filter_snr=args.matched_filter_snr)
+    if args.matched_filter_rounds is not None:
+        loc.decode = dataclasses.replace(
+            loc.decode, matched_filter_rounds=args.matched_filter_rounds
+        )
     info = model_info(loc, model_dir)
     z = np.asarray(loc.z_um, dtype=float)
     n_frames = sum(s.frames for s in settings.specs())
