@@ -245,7 +245,12 @@ def test_threshold_override_controls_detections(loc):
     rng = np.random.default_rng(3)
     photons = photons_for_peak_snr(20.0, 20.0)
     f = render_frame(SHAPE, random_scene(rng, 3, SHAPE, 30, 30.0), np.full(3, photons), rng)
-    assert len(loc.localize(f, threshold=0.99)) <= len(loc.localize(f, threshold=0.2))
+    # the networks' detections (one pass, no fit): after the fit, the residual's matched
+    # filter searches whatever the networks left, so a high threshold can end with as many
+    # localizations or more
+    high = loc.localize(f, threshold=0.99, passes=1, fit="none")
+    low = loc.localize(f, threshold=0.2, passes=1, fit="none")
+    assert len(high) <= len(low) and len(low) >= 1
 
 
 # --------------------------------------------------------------------------- bad inputs
