@@ -113,6 +113,11 @@ def test_render_places_and_interpolates(cal, synth, stack_synth, model):
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6 * float(want.max()))
 
 
+def test_unknown_psf_model_is_an_error(cal):
+    with pytest.raises(ValueError, match="'spline' or 'stack'"):
+        Synthesizer(cal, config=SynthConfig(psf_model="pupil"))
+
+
 def test_emitters_outside_spill_light_in(synth):
     """An emitter centred outside the image still contributes its overlapping light."""
     img = synth.table.render(
