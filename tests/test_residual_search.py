@@ -125,6 +125,26 @@ def test_a_faint_find_in_a_bright_emitters_light_is_its_model_error() -> None:
     assert not _under_brighter(r, len(x), window).any()
 
 
+def test_one_emitter_fitted_twice_is_reported_once() -> None:
+    """`localizer._duplicates`: of two fits within 2 px and one calibration step in z, the
+    less significant is dropped; a neighbour 3 px away, or at the same x, y but 5 µm deeper,
+    is another emitter and kept."""
+    from focaltrack.models.localizer import DUPLICATE_PX, _duplicates
+    from focaltrack.models.refine import Refined
+
+    x = np.array([100.0, 100.8, 103.0, 100.0, 50.0, 50.0])
+    z = np.array([60.0, 60.5, 60.0, 65.0, 30.0, 30.0])
+    sig = np.array([40.0, 45.0, 30.0, 30.0, 20.0, 20.0])
+    zeros = np.zeros(len(x))
+    r = Refined(x, zeros + 100.0, z, zeros + 1e4, zeros, zeros, zeros, zeros,
+                np.zeros(len(x), dtype=np.int64), sig)  # fmt: skip
+    drop = _duplicates(r, DUPLICATE_PX, 2.0)
+    # row 0 loses to row 1 (more significant), 2 and 3 are other emitters; of the tie
+    # 4 / 5 the first is kept
+    assert drop.tolist() == [True, False, False, False, False, True]
+    assert not _duplicates(r.take(np.array([0, 2, 3, 4])), DUPLICATE_PX, 2.0).any()
+
+
 def test_the_localizer_adds_what_the_filter_finds_and_keeps_its_rows(tmp_path) -> None:
     """`Localizer._search_residual` on a frame whose bright emitter was fitted and whose
     two deep ones were missed: both are found and fitted, each row keeps its own score (the
