@@ -221,8 +221,11 @@ class SplinePSF:
         if np.max(np.abs(np.diff(z) - step)) > 0.01 * step:
             from scipy.interpolate import CubicSpline
 
+            # the uniform grid nearest the median step that spans the stack's whole range
+            # (the median step itself can end short of the last slice)
             nz = round((z[-1] - z[0]) / step) + 1
-            grid = z[0] + step * np.arange(nz)
+            grid = np.linspace(z[0], z[-1], nz)
+            step = float(grid[1] - grid[0])
             stack = CubicSpline(z, stack, axis=0, bc_type="not-a-knot")(grid)
             z = grid
         self.z0_um = float(z[0])

@@ -143,6 +143,13 @@ def test_non_uniform_z_is_resampled() -> None:
     assert psf.z_step_um == pytest.approx(2.0)
     got = at(psf, 15.0, 15.0, 4.1, (0, 0), WINDOW).value[0].numpy()
     np.testing.assert_allclose(got, stack[2], atol=1e-3 * stack[2].max())
+    # a last step the median does not divide: the grid still ends on the last slice
+    z2 = np.array([0.0, 2.0, 4.0, 6.0, 8.0, 10.0, 12.0, 14.9])
+    stack2 = gaussian_stack(z2)
+    psf2 = SplinePSF(calibration(stack2, z2))
+    assert psf2.z_range_um == pytest.approx((0.0, 14.9))
+    last = at(psf2, 15.0, 15.0, 14.9, (0, 0), WINDOW).value[0].numpy()
+    np.testing.assert_allclose(last, stack2[-1], atol=1e-3 * stack2[-1].max())
 
 
 def test_render_puts_each_emitter_light_in_the_frame() -> None:
