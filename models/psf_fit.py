@@ -13,9 +13,10 @@ by eye, and what crowded-field photometry has long done (DAOPHOT's find–fit–
 2. **subtract** the fitted emitters (not the background) from the frame, so that the
    networks can be run again on what is left.
 
-The model of one emitter is its calibration slice, linearly interpolated to its z and
-bilinearly shifted to its sub-pixel position: `focaltrack.sim.synth.PSFTable`, the same
-table the training synthesizer draws from (z every half calibration step, ¼-pixel phases).
+The model of one emitter is `focaltrack.sim.synth.PSFTable`, the same table the training
+synthesizer draws from: the calibration's denoised tricubic spline (its slices linearly
+interpolated in z and bilinearly shifted for a stack of under 4 slices) at every half
+calibration step of z and ¼-pixel phase.
 The fit linearises that model around the table entry nearest the current position, so
 positions move continuously even though the table is quantised.
 

@@ -47,6 +47,8 @@ from focaltrack.calibration.preprocess import Preprocess
 from focaltrack.sim.spline_psf import SplinePSF
 
 UM_PER_DENSITY_AREA = 100.0  # densities are per (100 µm)² of sample
+#: The fewest slices the spline table is built from (`PSFTable`); fewer: the stack table.
+MIN_SPLINE_SLICES = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,12 +105,16 @@ class PSFTable:
         else:  # pragma: no cover - older Calibration without centre_px
             focal = calibration.psf[int(np.argmax(calibration.psf.max(axis=(1, 2))))]
             self.centre = _centroid(focal.astype(np.float64))
+        if model not in ("spline", "stack"):
+            raise ValueError(f"PSF model must be 'spline' or 'stack', got {model!r}")
+        if model == "spline" and len(z) < MIN_SPLINE_SLICES:
+            # a cubic spline with not-a-knot ends needs 4 slices; a shorter stack (which
+            # `Calibration` allows) is interpolated linearly, as before the spline
+            model = "stack"
         if model == "spline":
             out = _spline_table(calibration, self.z_fine, phases, self.centre)
-        elif model == "stack":
-            out = _stack_table(calibration, self.z_fine, phases)
         else:
-            raise ValueError(f"PSF model must be 'spline' or 'stack', got {model!r}")
+            out = _stack_table(calibration, self.z_fine, phases)
         self.table = out.to(device)
         self.model = model
         self.phases = phases

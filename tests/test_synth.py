@@ -113,6 +113,23 @@ def test_render_places_and_interpolates(cal, synth, stack_synth, model):
             np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-6 * float(want.max()))
 
 
+def test_a_three_slice_calibration_draws_from_the_stack(cal):
+    """A cubic spline needs 4 slices; a shorter calibration (which `Calibration` allows)
+    still trains, from the stack table, and the table says which it is."""
+    from focaltrack.calibration import Calibration
+
+    short = Calibration(
+        psf=cal.psf[:3].copy(),
+        z_um=cal.z_um[:3].copy(),
+        pixel_size_um=cal.pixel_size_um,
+        noise=cal.noise,
+        source="three slices",
+        bit_depth=cal.bit_depth,
+    )
+    table = Synthesizer(short).table
+    assert table.model == "stack" and table.table.shape[0] == 5
+
+
 def test_unknown_psf_model_is_an_error(cal):
     with pytest.raises(ValueError, match="'spline' or 'stack'"):
         Synthesizer(cal, config=SynthConfig(psf_model="pupil"))
