@@ -708,17 +708,35 @@ def _overlapping(
 
 
 def _duplicates(r: Refined, reach_px: float, reach_um: float) -> np.ndarray:
-    """(n,) bool: fits within ``reach_px`` laterally and ``reach_um`` in z of one with a
-    higher significance (ties: the earlier row kept): the ones to drop."""
-    dx = r.x_px[:, None] - r.x_px[None, :]
-    dy = r.y_px[:, None] - r.y_px[None, :]
-    near = (np.hypot(dx, dy) < reach_px) & (np.abs(r.z_um[:, None] - r.z_um[None, :]) < reach_um)
+    """(n,) bool: the fits to drop as duplicates. Greedily, the most significant fit is
+    kept and those within ``reach_px`` laterally and ``reach_um`` in z of it dropped, then
+    the most significant of the rest, and so on (ties: the earlier row kept); a fit that
+    is dropped drops no other. Computed in rounds over the close pairs (a k-d tree's), each
+    keeping every fit that no remaining one beats, so the loop runs as many times as the
+    longest chain of close fits, not once per fit."""
+    from scipy.spatial import cKDTree
+
+    n = len(r.x_px)
+    ok = np.nonzero(np.isfinite(r.x_px) & np.isfinite(r.y_px) & np.isfinite(r.z_um))[0]
+    tree = cKDTree(np.column_stack([r.x_px[ok], r.y_px[ok]]))
+    pairs = ok[tree.query_pairs(reach_px, output_type="ndarray")].reshape(-1, 2)
+    i, j = pairs[:, 0], pairs[:, 1]  # i < j
+    close = np.abs(r.z_um[i] - r.z_um[j]) < reach_um
+    i, j = i[close], j[close]
     sig = r.significance
-    idx = np.arange(len(sig))
-    beaten = (sig[None, :] > sig[:, None]) | (
-        (sig[None, :] == sig[:, None]) & (idx[None, :] < idx[:, None])
-    )
-    return np.asarray((near & beaten).any(1))
+    i_wins = sig[i] >= sig[j]  # ties: the earlier row (i < j)
+    win, lose = np.where(i_wins, i, j), np.where(i_wins, j, i)
+    kept = np.zeros(n, dtype=bool)
+    alive = np.ones(n, dtype=bool)
+    while alive.any():
+        blocked = np.zeros(n, dtype=bool)
+        blocked[lose[alive[win]]] = True
+        now = alive & ~blocked
+        kept |= now
+        dropped = np.zeros(n, dtype=bool)
+        dropped[lose[now[win]]] = True
+        alive &= ~now & ~dropped
+    return ~kept
 
 
 def _under_brighter(r: Refined, first: int, window_px: np.ndarray) -> np.ndarray:

@@ -143,6 +143,16 @@ def test_one_emitter_fitted_twice_is_reported_once() -> None:
     # 4 / 5 the first is kept
     assert drop.tolist() == [True, False, False, False, False, True]
     assert not _duplicates(r.take(np.array([0, 2, 3, 4])), DUPLICATE_PX, 2.0).any()
+    # greedy: of a chain A > B > C with B close to both and A far from C, B goes and C
+    # stays (B, dropped by A, drops nothing)
+    x3 = np.array([0.0, 1.5, 3.0])
+    z3 = np.zeros(3)
+    r3 = Refined(x3, z3, z3, z3 + 1e4, z3, z3, z3, z3, np.zeros(3, dtype=np.int64),
+                 np.array([30.0, 20.0, 10.0]))  # fmt: skip
+    assert _duplicates(r3, DUPLICATE_PX, 2.0).tolist() == [False, True, False]
+    # a fit without a finite position is nobody's duplicate (and kept for its flags)
+    r3.x_px[0] = np.nan
+    assert _duplicates(r3, DUPLICATE_PX, 2.0).tolist() == [False, False, True]
 
 
 def test_the_localizer_adds_what_the_filter_finds_and_keeps_its_rows(tmp_path) -> None:
