@@ -15,6 +15,7 @@ from focaltrack.sim.spline_psf import (
     SplinePSF,
     angular_projection,
     denoised,
+    model_stack,
     not_a_knot_matrix,
 )
 
@@ -179,6 +180,21 @@ def test_a_noisy_stack_is_denoised_and_a_clean_one_kept() -> None:
         else:
             assert psf.noise_level == pytest.approx(2e-4, rel=0.1)
             assert err < 0.5 * np.sqrt(((noisy - clean) ** 2).mean())
+
+
+def test_the_model_stack_is_denoised_once_per_calibration() -> None:
+    """`model_stack` keeps its result by content: a second model of the same calibration
+    (another object with the same stack) gets the same read-only array, another stack and
+    ``denoise=False`` their own."""
+    rng = np.random.default_rng(4)
+    noisy = gaussian_stack(Z, window=63) + 2e-4 * rng.standard_normal((len(Z), 63, 63))
+    a, noise = model_stack(calibration(noisy, Z))
+    b, _ = model_stack(calibration(noisy.copy(), Z))
+    assert b is a and not a.flags.writeable and noise > 0
+    raw, _ = model_stack(calibration(noisy, Z), denoise=False)
+    assert raw is not a and np.array_equal(raw, noisy.astype(np.float32).astype(np.float64))
+    other, _ = model_stack(calibration(noisy * 2.0, Z))
+    assert other is not a and np.allclose(other, 2.0 * a, atol=1e-6)
 
 
 def astigmatic_rings(z_um: np.ndarray, window: int = 64, a: float = 0.03) -> np.ndarray:
