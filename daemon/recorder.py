@@ -33,6 +33,12 @@ Durability: the writer appends what it has and calls ``flush()`` at least every
 sees data at most about one interval old, and a ``kill -9`` loses at most about that much.
 ``frames_flushed`` counts the frames on disk for certain.
 
+A follower reads only the rows the root dataset ``flushed`` vouches for: (frames,
+localizations, track rows) on disk for certain, rewritten after each flush and flushed after
+everything it counts. HDF5 may show a dataset's new length to a reader before the rows'
+values reach the disk (those read as zeros until the next flush), so a dataset's length alone
+is no promise. A file without ``flushed`` (written before it was added) has only the lengths.
+
 A writer that dies leaves HDF5's "open for writing" mark in the file, which every plain open
 refuses; `focaltrack.daemon.repair` clears it. While it writes, the writer holds a shared
 lock on the file (`hold_writer_lock`) so that a repair never touches a file still being
@@ -99,6 +105,8 @@ FRAME_META_COLUMNS: dict[str, str] = hdf5_columns(FrameMeta)
 LOC_COLUMNS: dict[str, str] = hdf5_columns(Localizations)
 TRACK_COLUMNS: dict[str, str] = hdf5_columns(Tracks)
 _TABLE_CHUNK = 4096
+#: Root dataset of the rows on disk for certain: (frames, localizations, track rows).
+FLUSHED = "flushed"
 #: Write out early when this many frames are waiting (bounds the writer's memory).
 _MAX_PENDING_FRAMES = 32
 
@@ -274,6 +282,8 @@ class Recorder:
                     chunks=(_TABLE_CHUNK,),
                     dtype=status_dt if dt == "enum" else np.dtype(dt),
                 )
+        flushed = f.create_dataset(FLUSHED, shape=(3,), chunks=(3,), dtype=np.int64)
+        flushed.attrs["columns"] = "frames, localizations, track_rows"
         f["tracks/status"].attrs["codes"] = ", ".join(f"{c} {s}" for s, c in STATUS_CODES.items())
         f["localizations/flags"].attrs["bits"] = ", ".join(
             f"{int(b)} {b.name.lower()}" for b in LocFlag if b.name
@@ -400,6 +410,7 @@ class Recorder:
                     self._write_out(f, pending_meta, pending_px, loc_rows, trk_rows)
                     if done or now >= next_flush:
                         f.flush()
+                        self._vouch(f)
                         self.frames_flushed = self.frames_written
                         next_flush = now + self.flush_interval_s
         except Exception as e:
@@ -414,6 +425,13 @@ class Recorder:
             # whose HDF5 open wants an exclusive lock).
             if lock is not None:
                 os.close(lock)
+
+    def _vouch(self, f: Any) -> None:
+        """After a flush: count what it put on disk, and flush the count alone, so that no
+        reader sees it before the rows it counts."""
+        ds = f[FLUSHED]
+        ds[:] = (self.frames_written, self.localizations_written, self.track_rows_written)
+        ds.flush()
 
     @staticmethod
     def _collect(

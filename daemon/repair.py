@@ -39,7 +39,8 @@ size) back.
 After the flags, the recording is opened for writing and made consistent: ``frames`` and
 ``frame_meta`` are cut to the frames that are complete in all of them (``frames`` rows whose
 chunk was never written read as zeros and are cut too), each table group to its shortest
-column, and the root attributes ``complete`` = False, ``n_frames`` = the frames recovered
+column, everything to the rows the writer's ``flushed`` count vouched for where the file has
+one, and the root attributes ``complete`` = False, ``n_frames`` = the frames recovered
 and ``repaired_utc`` are set.
 """
 
@@ -58,7 +59,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from focaltrack.common.errors import FocaltrackError
-from focaltrack.daemon.recorder import FRAME_META_COLUMNS, RECORDING_KIND
+from focaltrack.daemon.recorder import FLUSHED, FRAME_META_COLUMNS, RECORDING_KIND
 
 if sys.platform != "win32":
     import fcntl
@@ -333,6 +334,12 @@ def _make_consistent(f: Any) -> int:
     if frames is not None:
         lengths.append(frames.shape[0])
     n = min(lengths, default=0)
+    # What the writer vouched for after its last flush (recordings since the count was
+    # added): rows past it may read as zeros, their values never flushed.
+    vouched = f.get(FLUSHED)
+    counts = [int(c) for c in vouched[()]] if vouched is not None else None
+    if counts is not None:
+        n = min(n, counts[0])
     if frames is not None:
         # A row whose chunk never reached the disk reads as zeros: not a recovered frame.
         while n > 0 and not _chunk_written(frames, n - 1):
@@ -340,12 +347,14 @@ def _make_consistent(f: Any) -> int:
     for ds in [*meta, *([frames] if frames is not None else [])]:
         if ds.shape[0] > n:
             ds.resize(n, axis=0)
-    for group in ("localizations", "tracks"):
+    for i, group in enumerate(("localizations", "tracks"), start=1):
         g = f.get(group)
         if g is None:
             continue
         cols = [g[name] for name in g]
         m = min((ds.shape[0] for ds in cols), default=0)
+        if counts is not None:
+            m = min(m, counts[i])
         for ds in cols:
             if ds.shape[0] > m:
                 ds.resize(m, axis=0)

@@ -733,10 +733,12 @@ def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspac
         assert proc.wait(10) == -signal.SIGKILL
         killed = proc.pid
         with h5py.File(path, "r", libver="latest", swmr=True) as f:
-            n = f["frames"].shape[0]
-            assert n >= seen
-            idx = f["frame_meta/index"][:]
-            assert len(idx) == n and np.all(np.diff(idx) > 0)
+            # The rows the writer vouched for after its last flush (the lengths may run
+            # ahead of them: the kill can come between a write and its flush).
+            n = int(f["flushed"][0])
+            assert n > 0 and f["frames"].shape[0] >= n
+            idx = f["frame_meta/index"][:n]
+            assert np.all(np.diff(idx) > 0)
             assert not f.attrs["complete"]
             px = f["frames"][n - 1]
             assert px.dtype == np.uint16 and px.max() > 0
@@ -744,7 +746,7 @@ def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspac
         from focaltrack.daemon.commands.localize import read_frames
 
         frames = read_frames(path)
-        assert frames.shape[0] == n and frames[n - 1].max() > 0
+        assert frames.shape[0] >= n and frames[n - 1].max() > 0
 
         # Restart in the same workspace: calibration and model restored from state.json.
         proc = _serve(ws)
