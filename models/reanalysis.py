@@ -182,9 +182,15 @@ def _h5_source(path: Path, dataset: str | None) -> FrameSource:
                 raise ValueError(f"{path} has {what}; name the frames with --dataset")
             name = found[0]
         ds = f[name]
-        n, h, w = _frames_shape(path, tuple(ds.shape))
+        shape = tuple(ds.shape)
+        vouched = f.get("flushed")
+        if name == "frames" and isinstance(vouched, h5py.Dataset) and len(shape) == 3:
+            # A recording still written, or left by a crash: only the frames its writer
+            # vouched for after a flush (rows past them can still read as zeros).
+            shape = (min(shape[0], int(vouched[0])), *shape[1:])
+        n, h, w = _frames_shape(path, shape)
         z = f.get("frame_meta/stage_z_um")
-        has_z = isinstance(z, h5py.Dataset) and z.shape == (n,)
+        has_z = isinstance(z, h5py.Dataset) and z.ndim == 1 and z.shape[0] >= n
         return FrameSource(str(path), "h5", name, n, (h, w), str(ds.dtype), True, has_z)
 
 

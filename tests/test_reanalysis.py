@@ -181,3 +181,18 @@ def test_a_two_worker_dask_cluster_gives_the_single_process_rows(
     args = ("--dask", "--workers", "2", "--chunk", "4", "--no-progress")
     assert _localize(trained_model.bundle, recording, out, *args) == 0
     assert out.read_text() == reference[0].read_text()
+
+
+def test_a_live_recording_is_read_up_to_the_frames_its_writer_vouched_for(recording, tmp_path):
+    # A recording still written (or left by a crash) can show more rows than reached the
+    # disk; its ``flushed`` count says how many did, and only those are analysed.
+    path = tmp_path / "live.h5"
+    with h5py.File(recording, "r") as src, h5py.File(path, "w") as f:
+        f.create_dataset("frames", data=src["frames"][()])
+        f.create_dataset("frame_meta/stage_z_um", data=src["frame_meta/stage_z_um"][()])
+        f.create_dataset("flushed", data=np.array([N_FRAMES - 5, 0, 0], dtype=np.int64))
+    source = reanalysis.open_frames(path, None)
+    assert source.n_frames == N_FRAMES - 5 and source.stage_z
+    frames = localize_cmd.read_frames(path)
+    with h5py.File(recording, "r") as src:
+        np.testing.assert_array_equal(frames, src["frames"][: N_FRAMES - 5])

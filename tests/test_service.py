@@ -742,11 +742,11 @@ def test_serve_recording_survives_kill9_and_restart_restores_state(tiny_workspac
             assert not f.attrs["complete"]
             px = f["frames"][n - 1]
             assert px.dtype == np.uint16 and px.max() > 0
-        # `focaltrack localize` reads the crashed recording's frames as they are.
+        # `focaltrack localize` reads the crashed recording's frames the writer vouched for.
         from focaltrack.daemon.commands.localize import read_frames
 
         frames = read_frames(path)
-        assert frames.shape[0] >= n and frames[n - 1].max() > 0
+        assert frames.shape[0] == n and frames[n - 1].max() > 0
 
         # Restart in the same workspace: calibration and model restored from state.json.
         proc = _serve(ws)
