@@ -23,7 +23,9 @@ File layout (schema version 1), one HDF5 file per calibration:
   ``extra_centre_y_px`` (see Centring), ``extra_focus_index`` (slice with the
   highest bead peak; 0 when the stack starts in focus), ``extra_bead_snr``,
   ``extra_bead_x_per_slice_px`` / ``extra_bead_y_per_slice_px`` (Z,) (the bead centre found
-  in each slice of the original frames: the lateral drift that was removed),
+  in each slice of the original frames), ``extra_drift_x_px`` / ``extra_drift_y_px`` (Z,)
+  (the lateral drift removed: the smooth curve under those centres,
+  `focaltrack.calibration.drift.smooth_drift`),
   ``extra_background_per_slice_adu`` (Z,); an acquisition adds ``extra_z_readback_um``
   (Z,), ``extra_z_readback_max_dev_um``, ``extra_z_start_um``, ``extra_exposure_ms``,
   ``extra_settle_s``, ``extra_camera``, ``extra_focus_device``, ``extra_acquisition_s``;
@@ -34,7 +36,7 @@ the ``psf`` window, at the same sub-pixel position: exactly `Calibration.centre_
 (attributes ``extra_centre_x_px``, ``extra_centre_y_px``; within ±0.5 px of the centre
 pixel). The focal slice is cut at whole pixels (an in-focus PSF is undersampled, and a
 sub-pixel shift of it would distort it); every other slice is shifted sub-pixel (cubic
-spline) by its lateral drift relative to the focal slice. The training synthesizer places an
+spline) by the lateral drift relative to the focal slice. The training synthesizer places an
 emitter at (x, y) by putting `Calibration.centre_px` on (x, y).
 
 Noise model (single frames, ADU): a pixel whose mean is ``μ`` has variance
@@ -267,7 +269,9 @@ def summary(cal: Calibration) -> str:
         f"peak falls {peak[0] / max(float(peak[-1]), 1e-12):.3g}× from first to last slice",
         f"frames:      {cal.n_averages} averaged per slice, {cal.bit_depth}-bit camera",
     ]
-    xs, ys = cal.extra.get("bead_x_per_slice_px"), cal.extra.get("bead_y_per_slice_px")
+    xs, ys = cal.extra.get("drift_x_px"), cal.extra.get("drift_y_px")
+    if not isinstance(xs, np.ndarray):  # files from before the smooth drift: the centres
+        xs, ys = cal.extra.get("bead_x_per_slice_px"), cal.extra.get("bead_y_per_slice_px")
     if isinstance(xs, np.ndarray) and isinstance(ys, np.ndarray) and xs.size == psf.shape[0]:
         drift = float(np.hypot(xs - xs[0], ys - ys[0]).max())
         lines.append(f"drift:       bead moved up to {drift:.2f} px laterally over the stack")

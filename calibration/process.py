@@ -8,7 +8,7 @@ from datetime import UTC
 import numpy as np
 
 from focaltrack.calibration.beads import find_bead, robust_sigma
-from focaltrack.calibration.drift import crop_shifted, track_bead
+from focaltrack.calibration.drift import crop_shifted, smooth_drift, track_bead
 from focaltrack.calibration.format import Calibration, CalibrationError
 from focaltrack.calibration.noise import background_mask, estimate_noise
 
@@ -81,7 +81,11 @@ def process_stack(
             for k in range(nz)
         ]
     )
-    ys, xs = track_bead(stack, bg_level, bead, window_px=window_px, noise_sigma=slice_sigma)
+    found_y, found_x = track_bead(
+        stack, bg_level, bead, window_px=window_px, noise_sigma=slice_sigma
+    )
+    # The drift removed is the smooth one under the centres found (each a noisy centroid).
+    ys, xs = smooth_drift(found_y, found_x)
     # Align every slice on the focal slice's bead position: the focal slice is cut at whole
     # pixels (never interpolated: in focus the PSF is undersampled), the others are shifted
     # by their drift relative to it (cubic spline). The bead sits at the same sub-pixel
@@ -119,8 +123,10 @@ def process_stack(
         "centre_y_px": window_px // 2 + ry,
         "focus_index": focus,
         "bead_snr": float(bead.snr),
-        "bead_x_per_slice_px": xs.astype(np.float64),
-        "bead_y_per_slice_px": ys.astype(np.float64),
+        "bead_x_per_slice_px": found_x.astype(np.float64),
+        "bead_y_per_slice_px": found_y.astype(np.float64),
+        "drift_x_px": xs.astype(np.float64),
+        "drift_y_px": ys.astype(np.float64),
         "background_per_slice_adu": bg_level.astype(np.float64),
     }
     info.update(extra or {})

@@ -20,6 +20,7 @@ from focaltrack.calibration import (
     summary,
 )
 from focaltrack.calibration.beads import find_bead
+from focaltrack.calibration.drift import smooth_drift
 
 
 def _centroid(img: np.ndarray) -> tuple[float, float]:
@@ -56,6 +57,37 @@ def test_bead_found_and_tracked_through_drift(synth, cal):
     assert np.abs(ys - synth.truth_xy[:, 1]).max() < 0.25
     assert cal.bead_xy_px == pytest.approx(tuple(synth.truth_xy[0]), abs=0.1)
     assert cal.extra["focus_index"] == 0
+
+
+def test_drift_removed_is_smooth_and_closer_to_the_truth_than_each_centroid(synth, cal):
+    # The synthetic stage drifts linearly; each slice's centroid scatters about it.
+    dx, dy = cal.extra["drift_x_px"], cal.extra["drift_y_px"]
+    tx, ty = synth.truth_xy[:, 0], synth.truth_xy[:, 1]
+    fx, fy = cal.extra["bead_x_per_slice_px"], cal.extra["bead_y_per_slice_px"]
+    assert np.abs(dx - tx).max() < 0.1 and np.abs(dy - ty).max() < 0.1
+    assert np.sqrt(np.mean((dx - tx) ** 2 + (dy - ty) ** 2)) < np.sqrt(
+        np.mean((fx - tx) ** 2 + (fy - ty) ** 2)
+    )
+    assert np.abs(np.diff(dx, 3)).max() < 1e-9  # a quadratic in acquisition order
+
+
+def test_smooth_drift_weights_by_scatter_and_ignores_a_wild_slice():
+    rng = np.random.default_rng(0)
+    k = np.arange(51.0)
+    truth = 10.0 + 0.05 * k - 4e-4 * k**2
+    # centroids precise near focus, 20× noisier deep down, and one slice 3 px off
+    noise = np.where(k < 20, 0.005, 0.1) * rng.standard_normal(k.size)
+    found = truth + noise
+    found[40] += 3.0
+    fy, fx = smooth_drift(found, found[::-1].copy())
+    deep = k >= 20
+    assert np.sqrt(np.mean((fy - truth)[deep] ** 2)) < 0.5 * np.sqrt(np.mean(noise[deep] ** 2))
+    np.testing.assert_allclose(fx, fy[::-1], atol=1e-9)  # each axis on its own
+    assert np.abs(fy - truth)[:20].max() < 0.01  # the precise slices hold the fit
+    # too few slices for the polynomial: the centres as found
+    short = np.array([1.0, 1.3, 0.9, 1.2])
+    for a in smooth_drift(short, short):
+        np.testing.assert_array_equal(a, short)
 
 
 def test_bead_sits_in_the_centre_pixel_of_every_slice(cal):
