@@ -58,6 +58,7 @@ from focaltrack.models.evaluate_scoring import (
     PointResult,
     PointSpec,
     as_xyz_um,
+    bias_and_spread,
     score_frames_with_ci,
 )
 from focaltrack.models.metrics import DEFAULT_TOLERANCES_UM, tolerance_key
@@ -265,6 +266,8 @@ def run_point(
     preds = _localize_all(localizer, frames, settings.batch)
     spf = (time.perf_counter() - t0) / spec.frames
     scores, pairs = score_frames_with_ci(preds, truths, settings.tolerances_um, rng)
+    for key, s in scores.items():
+        s.update(bias_and_spread(pairs[key][:, 3:6]))
     bounds = None
     if bound_model is not None:
         bounds = bound_model.point(truths, truth_photons, exp.background_photons, geometry.shape)

@@ -304,6 +304,26 @@ def _bounds_table(points: list[PointResult], first: str, key: str) -> list[str]:
     return lines
 
 
+def _bias_table(points: list[PointResult], first: str, key: str) -> list[str]:
+    """Each point's mean error (x, y, z) and the RMS about it: an RMSE is the root sum of
+    squares of the two, so a constant offset shows apart from the scatter."""
+    lines = [
+        f"| {first} | mean error x, y, z µm | RMSE lat µm | spread lat µm | RMSE ax µm "
+        "| spread ax µm |",
+        "|" + "---|" * 6,
+    ]
+    for p in points:
+        s = p.scores[key]
+        m = s.get("mean_error_um")
+        mean = "—" if m is None else ", ".join(f"{v:+.3f}" for v in m)
+        lines.append(
+            f"| {p.spec.label} | {mean} | {_fmt(s['rmse_lateral_um'])} "
+            f"| {_fmt(s.get('spread_lateral_um'))} | {_fmt(s['rmse_axial_um'])} "
+            f"| {_fmt(s.get('spread_axial_um'))} |"
+        )
+    return lines
+
+
 def markdown(report: Report) -> str:
     d = report.to_json()
     g, st, m = d["geometry"], d["settings"], d["model"]
@@ -401,6 +421,8 @@ def markdown(report: Report) -> str:
         if any(p.bounds is not None for p in pts):
             out += ["", f"What physics allows (tolerance {tol_text(report.paper_tol)}):", ""]
             out += _bounds_table(pts, first, report.paper_tol)
+        out += ["", f"Mean error and spread (tolerance {tol_text(report.paper_tol)}):", ""]
+        out += _bias_table(pts, first, report.paper_tol)
         if name == "isolated":
             out += [
                 "",

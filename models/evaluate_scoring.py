@@ -139,6 +139,23 @@ def _bootstrap_ci(
     return out
 
 
+def bias_and_spread(errors_um: np.ndarray) -> dict[str, Any]:
+    """The mean error of matched pairs (``errors_um``: (K, 3) x, y, z µm) and the RMS about
+    it, lateral and axial: an RMSE is their root sum of squares. A constant offset (the
+    calibration bead's centre against the emitters' true positions, which one bead cannot
+    tell) is in the mean; what the noise and the crowd add is in the spread. ``None``
+    without pairs, as an RMSE."""
+    if len(errors_um) == 0:
+        return {"mean_error_um": None, "spread_lateral_um": None, "spread_axial_um": None}
+    m = errors_um.mean(axis=0)
+    d = errors_um - m
+    return {
+        "mean_error_um": [float(v) for v in m],
+        "spread_lateral_um": float(np.sqrt(np.mean(d[:, 0] ** 2 + d[:, 1] ** 2))),
+        "spread_axial_um": float(np.sqrt(np.mean(d[:, 2] ** 2))),
+    }
+
+
 def score_frames_with_ci(
     preds: Sequence[np.ndarray],
     truths: Sequence[np.ndarray],

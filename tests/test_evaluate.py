@@ -35,8 +35,9 @@ class GaussianDefocusPSF:
 class Oracle:
     """Knows the truth (fed by the test), adds Gaussian errors, misses some emitters."""
 
-    def __init__(self, scenes: deque, sigma_xy=0.0, sigma_z=0.0, miss=0.0, seed=1):
+    def __init__(self, scenes: deque, sigma_xy=0.0, sigma_z=0.0, miss=0.0, seed=1, offset=None):
         self.scenes = scenes
+        self.offset = np.zeros(3) if offset is None else np.asarray(offset, dtype=np.float64)
         self.sigma_xy, self.sigma_z, self.miss = sigma_xy, sigma_z, miss
         self.rng = np.random.default_rng(seed)
         self.calls = 0
@@ -49,7 +50,7 @@ class Oracle:
         xyz = xyz[keep]
         xyz[:, :2] += self.rng.normal(0, self.sigma_xy, size=(len(xyz), 2)) if self.sigma_xy else 0
         xyz[:, 2] += self.rng.normal(0, self.sigma_z, size=len(xyz)) if self.sigma_z else 0
-        return xyz
+        return xyz + self.offset
 
 
 def _quick(**kw):
@@ -153,6 +154,28 @@ def test_perfect_oracle_scores_jaccard_one(scenes):
             assert s["fp"] == s["fn"] == 0
             assert s["rmse_3d_um"] == pytest.approx(0.0, abs=1e-9)
     assert all(c["pass"] for c in rep.checks())
+
+
+def test_a_constant_offset_shows_as_the_mean_error_apart_from_the_spread(scenes):
+    sx, sz, off = 0.3, 0.6, (0.5, -0.2, 1.0)
+    oracle = Oracle(scenes, sigma_xy=sx, sigma_z=sz, offset=off)
+    st = ev.Settings(frames=30, isolated_frames=0, snr_db=(10.0,), densities=(), snr_n_emitters=20)
+    rep = ev.evaluate(oracle, st, z_range_um=(0, 100), psf=GaussianDefocusPSF())
+    s = rep.points[0].scores["10um"]
+    n = s["tp"]
+    np.testing.assert_allclose(s["mean_error_um"], off, atol=4 * sz / math.sqrt(n))
+    tol = 3 / math.sqrt(2 * n)
+    assert s["spread_lateral_um"] == pytest.approx(math.sqrt(2) * sx, rel=tol)
+    assert s["spread_axial_um"] == pytest.approx(sz, rel=tol)
+    # the RMSE holds both: the root sum of squares of the mean and the spread
+    m = np.asarray(s["mean_error_um"])
+    assert s["rmse_lateral_um"] ** 2 == pytest.approx(
+        s["spread_lateral_um"] ** 2 + m[0] ** 2 + m[1] ** 2, rel=1e-9
+    )
+    assert s["rmse_axial_um"] ** 2 == pytest.approx(s["spread_axial_um"] ** 2 + m[2] ** 2, rel=1e-9)
+    md = ev.markdown(rep)
+    row = f"| {m[0]:+.3f}, {m[1]:+.3f}, {m[2]:+.3f} | {s['rmse_lateral_um']:.3f} |"
+    assert "Mean error and spread" in md and row in md
 
 
 def test_noisy_oracle_rmse_matches_injected_noise(scenes):
