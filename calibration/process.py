@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from datetime import UTC
 
@@ -11,6 +12,11 @@ from focaltrack.calibration.beads import find_bead, robust_sigma
 from focaltrack.calibration.drift import crop_shifted, smooth_drift, track_bead
 from focaltrack.calibration.format import Calibration, CalibrationError
 from focaltrack.calibration.noise import background_mask, estimate_noise
+
+log = logging.getLogger(__name__)
+
+#: A slice whose bead centre is this far from the smooth drift is reported (a jump).
+JUMP_WARN_PX = 1.0
 
 __all__ = ["process_stack"]
 
@@ -86,6 +92,18 @@ def process_stack(
     )
     # The drift removed is the smooth one under the centres found (each a noisy centroid).
     ys, xs = smooth_drift(found_y, found_x)
+    off = np.hypot(found_y - ys, found_x - xs)
+    if np.any(off > JUMP_WARN_PX):
+        # A stage that jumped (a knock) is not followed by a smooth drift: say where.
+        k = np.nonzero(off > JUMP_WARN_PX)[0]
+        log.warning(
+            "calibration: in %d slice(s) (z %s µm) the bead's centre was found up to %.1f px "
+            "off the smooth drift removed; a jump of the stage or a second bead there "
+            "blurs the model at those depths: acquire again if the figure shows a jump",
+            len(k),
+            ", ".join(f"{z_um[i]:g}" for i in k[:5]) + (", ..." if len(k) > 5 else ""),
+            float(off.max()),
+        )
     # Align every slice on the focal slice's bead position: the focal slice is cut at whole
     # pixels (never interpolated: in focus the PSF is undersampled), the others are shifted
     # by their drift relative to it (cubic spline). The bead sits at the same sub-pixel

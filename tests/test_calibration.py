@@ -71,6 +71,23 @@ def test_drift_removed_is_smooth_and_closer_to_the_truth_than_each_centroid(synt
     assert np.abs(np.diff(dx, 3)).max() < 1e-9  # a quadratic in acquisition order
 
 
+def test_a_stage_jump_is_reported(synth, caplog):
+    # The last six slices moved 3 px at once (a knock): the smooth drift does not follow
+    # a jump, and the processing says where the centres left it.
+    mean = synth.mean.copy()
+    mean[15:] = np.roll(mean[15:], 3, axis=2)
+    with caplog.at_level("WARNING", logger="focaltrack.calibration.process"):
+        process_stack(mean, synth.z_um, 0.65, n_averages=3, source="synthetic")
+    msg = " ".join(r.getMessage() for r in caplog.records)
+    assert "off the smooth drift" in msg and "z 75" in msg
+
+
+def test_no_jump_is_reported_for_a_smooth_drift(synth, caplog):
+    with caplog.at_level("WARNING", logger="focaltrack.calibration.process"):
+        process_stack(synth.mean, synth.z_um, 0.65, n_averages=3, source="synthetic")
+    assert "off the smooth drift" not in caplog.text
+
+
 def test_smooth_drift_weights_by_scatter_and_ignores_a_wild_slice():
     rng = np.random.default_rng(0)
     k = np.arange(51.0)
