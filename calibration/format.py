@@ -275,6 +275,11 @@ def summary(cal: Calibration) -> str:
     if isinstance(xs, np.ndarray) and isinstance(ys, np.ndarray) and xs.size == psf.shape[0]:
         drift = float(np.hypot(xs - xs[0], ys - ys[0]).max())
         lines.append(f"drift:       bead moved up to {drift:.2f} px laterally over the stack")
+    from focaltrack.calibration.pupil import PupilFit, describe
+
+    fit = PupilFit.from_extra(cal.extra)
+    if fit is not None:
+        lines.append(f"model:       {describe(fit)}")
     if cal.created_utc:
         lines.append(f"created:     {cal.created_utc}")
     return "\n".join(lines)

@@ -150,26 +150,45 @@ def angular_projection(
 
 
 #: `model_stack`'s results by calibration content, the most recent few (read-only arrays)
-_MODEL_STACKS: OrderedDict[tuple[str, tuple[float, float], bool], tuple[np.ndarray, float]] = (
-    OrderedDict()
-)
+_MODEL_STACKS: OrderedDict[tuple[object, ...], tuple[np.ndarray, float]] = OrderedDict()
 _MODEL_STACKS_KEPT = 4
 
 
 def model_stack(calibration: Calibration, *, denoise: bool = True) -> tuple[np.ndarray, float]:
-    """The calibration stack (float64, read-only) a model is built from, `denoised` unless
-    ``denoise`` is False or it has no noise, and its noise level (`calibration_noise`).
+    """The calibration stack (float64, read-only) a model is built from, and its noise
+    level (`calibration_noise`): unless ``denoise`` is False, the calibration's fitted
+    pupil drawn at its slices where it has one that explains it
+    (`focaltrack.calibration.pupil.pupil_of`: no noise at all), else the stack `denoised`
+    (where it has noise).
 
     Kept for the few most recent calibrations (by content): a localizer builds three
     models from one calibration (the spline fit, the least-squares start's table, the
-    matched filter), and denoising costs about 0.4 s a time."""
-    key = (calibration.sha256, calibration.centre_px, bool(denoise))
+    matched filter), and drawing or denoising costs about a second a time."""
+    from focaltrack.calibration.pupil import pupil_of
+
+    pupil = pupil_of(calibration) if denoise else None
+    key = (
+        calibration.sha256,
+        calibration.centre_px,
+        bool(denoise),
+        None if pupil is None else pupil.key(),
+    )
     if key in _MODEL_STACKS:
         _MODEL_STACKS.move_to_end(key)
         return _MODEL_STACKS[key]
     stack = np.asarray(calibration.psf, dtype=np.float64)
     noise = calibration_noise(stack, calibration.centre_px)
-    if denoise and noise > 0:
+    if pupil is not None:
+        # the source on the calibration's centre (the pupil's own position is where its
+        # tilt is zero), scaled as the stack is: its largest slice sum is one
+        drawn = pupil.render(
+            calibration.z_um,
+            calibration.window_px,
+            calibration.pixel_size_um,
+            calibration.centre_px,
+        )
+        stack = drawn / float(drawn.reshape(len(drawn), -1).sum(axis=1).max())
+    elif denoise and noise > 0:
         stack = denoised(stack, noise, calibration.centre_px)
     stack = np.array(stack, dtype=np.float64)  # its own copy, never the calibration's
     stack.setflags(write=False)

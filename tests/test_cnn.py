@@ -344,7 +344,7 @@ def test_bundle_records_provenance(model):
 
 def _micro(**kw):
     return {"lateral_steps": 3, "axial_steps": 3, "lateral_batch": 2, "axial_batch": 2,
-            "val_frames": 1, "val_size": 128, **kw}  # fmt: skip
+            "val_frames": 1, "val_size": 128, "pupil_fit": False, **kw}  # fmt: skip
 
 
 def test_training_is_deterministic_for_a_seed(tmp_path):

@@ -418,7 +418,7 @@ def test_demo_and_bench_refuse_bad_arguments(tmp_path, capsys):
 # ============================================================================ end to end
 
 TINY_TRAINING = {"lateral_steps": 3, "axial_steps": 3, "lateral_batch": 2, "axial_batch": 2,
-                 "val_frames": 1, "val_size": 128}  # fmt: skip
+                 "val_frames": 1, "val_size": 128, "pupil_fit": False}  # fmt: skip
 
 
 def test_demo_end_to_end_over_the_sockets(tmp_path):

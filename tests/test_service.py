@@ -53,6 +53,7 @@ TINY_TRAINING = {
     "val_snr_db": (20.0,),
     "val_size": 64,
     "val_emitters": 2,
+    "pupil_fit": False,
 }
 
 

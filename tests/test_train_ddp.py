@@ -29,7 +29,7 @@ from focaltrack.models.train import TrainResult, train, train_distributed
 
 # a global batch of 4 (2 per rank), a few steps of each network
 MICRO = {"lateral_steps": 3, "axial_steps": 3, "lateral_batch": 4, "axial_batch": 4,
-         "val_frames": 1, "val_size": 128}  # fmt: skip
+         "val_frames": 1, "val_size": 128, "pupil_fit": False}  # fmt: skip
 
 
 def _digest(result: TrainResult) -> str:
