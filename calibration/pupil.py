@@ -161,7 +161,9 @@ class PupilFit:
         (x, y) of the window: the fraction of its light in each pixel."""
         import torch
 
-        model = _PupilModel(window_px, pixel_size_um, dtype=torch.float64)
+        model = _PupilModel(
+            window_px, pixel_size_um, dtype=torch.float64, fft_dtype=torch.float32
+        )
         model.load(self)
         with torch.no_grad():
             model.xy0.copy_(torch.tensor(centre_px, dtype=torch.float64))
