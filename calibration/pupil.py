@@ -26,10 +26,12 @@ optics): the pupil ``P(k) = A(ρ) · exp(2πi Φ)`` over spatial frequencies ``|
 
 Fitted by L-BFGS (torch) to every other slice, weighted by the calibration's noise model
 (read noise and shot noise per pixel), each slice with its own scale and offset (bleaching,
-a background left over): first ``kmax``, ``kn``, ``r₀``, ``z₀``, then everything. The
-start: ``kn`` for water at 0.55 µm; ``kmax`` from how fast the deep slices' rings grow.
-The stack was measured with the bead's focus at its first slice, so both signs of ``d`` are
-tried and the better kept. Kept only where the fit explains the stack
+a background left over) and its own small shift of the bead (what the drift correction
+left): first ``kmax``, ``kn``, ``r₀``, ``z₀``, then everything. The start: ``kn`` for water
+at 0.55 µm; ``kmax`` from how fast the deep slices' rings grow. One sign of ``d`` is
+enough: the other sign's pupil is this one's with its Zernikes' signs changed (the even
+ones by the conjugate, the odd ones by the mirror image that comes with it). Kept only
+where the fit explains the stack
 (`PupilFit.acceptable`: weighted χ² per pixel ≤ `MAX_CHI2`): a PSF this model cannot
 describe (a phase mask, a strong vectorial effect, two beads) keeps the stack as it is,
 denoised as before (`focaltrack.sim.spline_psf.model_stack`).
@@ -161,9 +163,7 @@ class PupilFit:
         (x, y) of the window: the fraction of its light in each pixel."""
         import torch
 
-        model = _PupilModel(
-            window_px, pixel_size_um, dtype=torch.float64, fft_dtype=torch.float32
-        )
+        model = _PupilModel(window_px, pixel_size_um, dtype=torch.float64, fft_dtype=torch.float32)
         model.load(self)
         with torch.no_grad():
             model.xy0.copy_(torch.tensor(centre_px, dtype=torch.float64))
