@@ -147,6 +147,7 @@ def test_training_fits_the_pupil_once_and_the_bundle_keeps_it(stacks, tmp_path):
              "val_frames": 1, "val_size": 96, "pupil_fit": True}  # fmt: skip
     lines: list[str] = []
     train(cal, tmp_path / "m", preset="ci", progress=False, log=lines.append, overrides=micro)
+    assert any(line.startswith("train: fitting the calibration's pupil") for line in lines)
     assert any(line.startswith("train: pupil: NA/λ") for line in lines)
     kept = load_bundle(tmp_path / "m").calibration
     assert kept.sha256 == cal.sha256 and pupil_of(kept) is not None
