@@ -93,7 +93,10 @@ def track_bead(
 
 
 def smooth_drift(
-    ys: np.ndarray, xs: np.ndarray, degree: int = DRIFT_DEGREE
+    ys: np.ndarray,
+    xs: np.ndarray,
+    degree: int = DRIFT_DEGREE,
+    keep: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The stage drift under the bead centres ``ys``, ``xs`` (Z,) found slice by slice: a
     polynomial of ``degree`` in acquisition order, fitted robustly and weighted by how
@@ -106,15 +109,17 @@ def smooth_drift(
     then each slice weighted by the inverse square of its neighbours' scatter about the
     fit (median absolute residual over ±5 slices, at least 0.01 px) and Tukey's biweight
     (4.685 scatters), iterated; a stack too short for the degree keeps its centres.
+    ``keep`` (Z,) bool: only those slices are fitted (the curve is drawn at all).
     """
     z = ys.shape[0]
-    if z < degree + 3:
+    use = np.ones(z, dtype=bool) if keep is None else np.asarray(keep, dtype=bool)
+    if int(use.sum()) < degree + 3:
         return ys.copy(), xs.copy()
     t = np.linspace(-1.0, 1.0, z)
     basis = np.vander(t, degree + 1)
     out = []
     for c in (ys, xs):
-        w = np.ones(z)
+        w = use.astype(np.float64)
         fit = c.copy()
         for _ in range(6):
             coef, *_ = np.linalg.lstsq(basis * np.sqrt(w)[:, None], c * np.sqrt(w), rcond=None)
@@ -123,6 +128,6 @@ def smooth_drift(
             scatter = np.array([np.median(np.abs(r[max(k - 5, 0) : k + 6])) for k in range(z)])
             scatter = np.maximum(1.4826 * scatter, 0.01)
             u = r / (4.685 * scatter)
-            w = np.where(np.abs(u) < 1.0, (1.0 - u**2) ** 2, 0.0) / scatter**2
+            w = np.where(use & (np.abs(u) < 1.0), (1.0 - u**2) ** 2, 0.0) / scatter**2
         out.append(fit)
     return out[0], out[1]

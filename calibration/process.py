@@ -91,15 +91,32 @@ def process_stack(
         stack, bg_level, bead, window_px=window_px, noise_sigma=slice_sigma
     )
     # The drift removed is the smooth one under the centres found (each a noisy centroid).
-    ys, xs = smooth_drift(found_y, found_x)
-    off = np.hypot(found_y - ys, found_x - xs)
+    focus = bead.focus_index
+    jumped = np.zeros(len(found_y), dtype=bool)
+    ys, xs, off = found_y, found_x, np.zeros(len(found_y))
+    for _ in range(3):
+        # slices far off the curve (a jump) are left out of it and fitted again
+        ys, xs = smooth_drift(found_y, found_x, keep=~jumped)
+        # anchored on the focal slice's centre, measured best (a small, bright spot): the
+        # smooth curve gives every other slice's position relative to it
+        ys = ys + (found_y[focus] - ys[focus])
+        xs = xs + (found_x[focus] - xs[focus])
+        off = np.hypot(found_y - ys, found_x - xs)
+        now = off > JUMP_WARN_PX
+        if np.array_equal(now, jumped):
+            break
+        jumped = now
     if np.any(off > JUMP_WARN_PX):
-        # A stage that jumped (a knock) is not followed by a smooth drift: say where.
+        # A stage that jumped (a knock) is not followed by a smooth drift: those slices
+        # keep the centre found in them (far beyond a centroid's scatter), and the log
+        # says where.
         k = np.nonzero(off > JUMP_WARN_PX)[0]
+        ys[k], xs[k] = found_y[k], found_x[k]
         log.warning(
             "calibration: in %d slice(s) (z %s µm) the bead's centre was found up to %.1f px "
-            "off the smooth drift removed; a jump of the stage or a second bead there "
-            "blurs the model at those depths: acquire again if the figure shows a jump",
+            "off the smooth drift; a jump of the stage or a second bead there: those "
+            "slices are centred on their own centres; acquire again if the figure shows a "
+            "jump",
             len(k),
             ", ".join(f"{z_um[i]:g}" for i in k[:5]) + (", ..." if len(k) > 5 else ""),
             float(off.max()),
@@ -108,7 +125,6 @@ def process_stack(
     # pixels (never interpolated: in focus the PSF is undersampled), the others are shifted
     # by their drift relative to it (cubic spline). The bead sits at the same sub-pixel
     # position, within the centre pixel (H//2, W//2), in every slice.
-    focus = bead.focus_index
     ry = float(ys[focus] - round(ys[focus]))
     rx = float(xs[focus] - round(xs[focus]))
     crops = np.stack(

@@ -73,13 +73,17 @@ def test_drift_removed_is_smooth_and_closer_to_the_truth_than_each_centroid(synt
 
 def test_a_stage_jump_is_reported(synth, caplog):
     # The last six slices moved 3 px at once (a knock): the smooth drift does not follow
-    # a jump, and the processing says where the centres left it.
+    # a jump; the processing centres those slices on their own centres and says where.
     mean = synth.mean.copy()
     mean[15:] = np.roll(mean[15:], 3, axis=2)
     with caplog.at_level("WARNING", logger="focaltrack.calibration.process"):
-        process_stack(mean, synth.z_um, 0.65, n_averages=3, source="synthetic")
+        cal = process_stack(mean, synth.z_um, 0.65, n_averages=3, source="synthetic")
     msg = " ".join(r.getMessage() for r in caplog.records)
     assert "off the smooth drift" in msg and "z 75" in msg
+    # the jumped slices are centred on their own centres: the bead 3 px over, followed
+    found, drift = cal.extra["bead_x_per_slice_px"], cal.extra["drift_x_px"]
+    np.testing.assert_allclose(drift[15:], found[15:])
+    assert np.all(np.abs(found[15:] - synth.truth_xy[15:, 0] - 3.0) < 0.25)
 
 
 def test_no_jump_is_reported_for_a_smooth_drift(synth, caplog):
