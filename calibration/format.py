@@ -25,7 +25,8 @@ File layout (schema version 1), one HDF5 file per calibration:
   ``extra_bead_x_per_slice_px`` / ``extra_bead_y_per_slice_px`` (Z,) (the bead centre found
   in each slice of the original frames), ``extra_drift_x_px`` / ``extra_drift_y_px`` (Z,)
   (the lateral drift removed: the smooth curve under those centres,
-  `focaltrack.calibration.drift.smooth_drift`),
+  `focaltrack.calibration.drift.smooth_drift`), ``extra_pupil_*`` (a fitted pupil,
+  `focaltrack.calibration.pupil`: added by ``focaltrack train`` to the model bundle's copy),
   ``extra_background_per_slice_adu`` (Z,); an acquisition adds ``extra_z_readback_um``
   (Z,), ``extra_z_readback_max_dev_um``, ``extra_z_start_um``, ``extra_exposure_ms``,
   ``extra_settle_s``, ``extra_camera``, ``extra_focus_device``, ``extra_acquisition_s``;

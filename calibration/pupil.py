@@ -22,16 +22,19 @@ optics): the pupil ``P(k) = A(ρ) · exp(2πi Φ)`` over spatial frequencies ``|
 * ``A(ρ) = exp(b₁ρ² + b₂ρ⁴)`` (apodization), one-sample soft edge, normalised so that the
   image's light integrates to one;
 * the image ``|FFT⁻¹ P|²`` on a grid ``oversample`` times finer than the pixels, integrated
-  over each pixel exactly (× sinc² in Fourier space) and sampled at the pixel centres.
+  over each pixel exactly (× sinc(kₓp)·sinc(k_yp) in Fourier space) and sampled at the
+  pixel centres.
 
 Fitted by L-BFGS (torch) to every other slice, weighted by the calibration's noise model
 (read noise and shot noise per pixel), each slice with its own scale and offset (bleaching,
 a background left over) and its own small shift of the bead (what the drift correction
 left): first ``kmax``, ``kn``, ``r₀``, ``z₀``, then everything. The start: ``kn`` for water
 at 0.55 µm; ``kmax`` from how fast the deep slices' rings grow. One sign of ``d`` is
-enough: the other sign's pupil is this one's with its Zernikes' signs changed (the even
-ones by the conjugate, the odd ones by the mirror image that comes with it). Kept only
-where the fit explains the stack
+enough: the other sign gives this one's images with the even Zernikes (m = 0, 2, 4)
+negated, which the fit is free to do. Without a gain in the noise model (an imported
+stack), the weights come from the stack (`pixel_variance`); where the bead's shot noise
+dominates, that estimate is low and the fit is then judged not to explain the stack (the
+stack's own model is kept). Kept only where the fit explains the stack
 (`PupilFit.acceptable`: weighted χ² per pixel ≤ `MAX_CHI2`): a PSF this model cannot
 describe (a phase mask, a strong vectorial effect, two beads) keeps the stack as it is,
 denoised as before (`focaltrack.sim.spline_psf.model_stack`).
@@ -55,7 +58,16 @@ from focaltrack.calibration.format import Calibration
 
 log = logging.getLogger(__name__)
 
-__all__ = ["MAX_CHI2", "NOLL", "PupilFit", "describe", "fit_pupil", "pupil_of", "with_pupil"]
+__all__ = [
+    "MAX_CHI2",
+    "NOLL",
+    "PupilFit",
+    "describe",
+    "fit_pupil",
+    "pixel_variance",
+    "pupil_of",
+    "with_pupil",
+]
 
 #: The Zernike terms fitted (Noll indices).
 NOLL = (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 22)
@@ -63,9 +75,21 @@ NOLL = (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 22)
 MAX_CHI2 = 3.0
 #: Samples per pixel of the fine grid (odd: a pixel's centre is a sample).
 OVERSAMPLE = 3
-#: Pixels added around the window on the fine grid: the grid is periodic, and a deep
-#: ring's diffraction tail would otherwise wrap into the window.
+#: Pixels added around the window on the fine grid, at least: the grid is periodic, and a
+#: deep ring's diffraction tail would otherwise wrap into the window (`_margin_px` adds
+#: what a ring wider than the window needs).
 MARGIN_PX = 16
+
+
+def _margin_px(
+    window_px: tuple[int, int], max_defocus_um: float, tan_theta: float, p: float
+) -> int:
+    """The fine grid's margin: a ring of radius d·tanθ must not reach a copy of the
+    window (the grid repeats every window + 2·margin), with 10 px for its tail."""
+    ring = abs(max_defocus_um) * tan_theta / p
+    return max(MARGIN_PX, math.ceil(ring + 10.0 - min(window_px) / 2.0))
+
+
 _KEYS = ("kmax", "kn", "x_px", "y_px", "z0_um", "sign", "spherical_slope", "chi2")
 
 
@@ -133,15 +157,17 @@ class PupilFit:
         """The fit stored in a calibration's ``extra``, or None (none, or another basis)."""
         if "pupil_kmax" not in extra:
             return None
-        noll = tuple(int(v) for v in np.atleast_1d(np.asarray(extra.get("pupil_zernike_noll"))))
-        if noll != NOLL:
+        try:
+            noll = tuple(int(v) for v in np.atleast_1d(np.asarray(extra["pupil_zernike_noll"])))
+            waves = tuple(float(v) for v in np.atleast_1d(np.asarray(extra["pupil_zernike_waves"])))
+            amp = tuple(float(v) for v in np.atleast_1d(np.asarray(extra["pupil_amplitude"])))
+            numbers = {k: float(extra[f"pupil_{k}"]) for k in _KEYS}  # type: ignore[arg-type]
+            seconds = float(extra.get("pupil_seconds", 0.0))  # type: ignore[arg-type]
+        except (KeyError, TypeError, ValueError):
+            return None  # incomplete or malformed: as if there were none
+        if noll != NOLL or len(waves) != len(NOLL) or len(amp) != 2:
             return None
-        return cls(
-            **{k: float(extra[f"pupil_{k}"]) for k in _KEYS},  # type: ignore[arg-type]
-            zernike_waves=tuple(float(v) for v in np.asarray(extra["pupil_zernike_waves"])),
-            amplitude=tuple(float(v) for v in np.asarray(extra["pupil_amplitude"]))[:2],  # type: ignore[arg-type]
-            seconds=float(extra.get("pupil_seconds", 0.0)),  # type: ignore[arg-type]
-        )
+        return cls(**numbers, zernike_waves=waves, amplitude=(amp[0], amp[1]), seconds=seconds)
 
     def key(self) -> tuple[float, ...]:
         """Every number of the fit (a cache key)."""
@@ -163,11 +189,20 @@ class PupilFit:
         (x, y) of the window: the fraction of its light in each pixel."""
         import torch
 
-        model = _PupilModel(window_px, pixel_size_um, dtype=torch.float64, fft_dtype=torch.float32)
+        z = np.asarray(z_um, dtype=np.float64)
+        tan = self.kmax / math.sqrt(max(self.kn**2 - self.kmax**2, 1e-12))
+        margin = _margin_px(window_px, float(np.max(np.abs(z - self.z0_um))), tan, pixel_size_um)
+        model = _PupilModel(
+            window_px,
+            pixel_size_um,
+            dtype=torch.float64,
+            fft_dtype=torch.float32,
+            margin_px=margin,
+        )
         model.load(self)
         with torch.no_grad():
             model.xy0.copy_(torch.tensor(centre_px, dtype=torch.float64))
-            out = model(torch.as_tensor(np.asarray(z_um, dtype=np.float64)))
+            out = model(torch.as_tensor(z))
         return np.asarray(out.numpy())
 
 
@@ -180,6 +215,7 @@ class _PupilModel:
         pixel_size_um: float,
         dtype: Any,
         fft_dtype: Any = None,
+        margin_px: int = MARGIN_PX,
     ) -> None:
         import torch
 
@@ -188,7 +224,8 @@ class _PupilModel:
         h, w = int(window_px[0]), int(window_px[1])
         self.h, self.w, self.p = h, w, float(pixel_size_um)
         os_ = OVERSAMPLE
-        self.ny, self.nx = os_ * (h + 2 * MARGIN_PX), os_ * (w + 2 * MARGIN_PX)
+        self.margin = int(margin_px)
+        self.ny, self.nx = os_ * (h + 2 * self.margin), os_ * (w + 2 * self.margin)
         delta = self.p / os_
         self.dtype = dtype
         ky = torch.fft.fftfreq(self.ny, d=delta, dtype=dtype)[:, None]
@@ -254,8 +291,8 @@ class _PupilModel:
         amp = amp / torch.sqrt((amp * amp).sum() * self.dk2)
         kz = torch.sqrt(torch.clamp(kn * kn - self.kr * self.kr, min=1e-12)) - kn
         # the bead's position, from the fine grid's origin (the margin's first sample)
-        xb = (self.xy0[0] + MARGIN_PX) * self.p
-        yb = (self.xy0[1] + MARGIN_PX) * self.p
+        xb = (self.xy0[0] + self.margin) * self.p
+        yb = (self.xy0[1] + self.margin) * self.p
         fixed = torch.einsum("j,jyx->yx", self.zern, zern) - (self.kx * xb + self.ky * yb)
         d = self.sign * (z_um.to(self.dtype) - self.z0)
         lateral = d[:, None, None] * (kz + (self.sph_slope / 100.0) * zern[_SPHERICAL]) + fixed
@@ -272,9 +309,49 @@ class _PupilModel:
         inten = field.real**2 + field.imag**2
         g = torch.fft.irfft2(torch.fft.rfft2(inten) * self.box.to(fd), s=(self.ny, self.nx))
         g = g.to(self.dtype)
-        o = OVERSAMPLE * MARGIN_PX
+        o = OVERSAMPLE * self.margin
         step = OVERSAMPLE
         return g[:, o : o + step * self.h : step, o : o + step * self.w : step]
+
+
+def pixel_variance(cal: Calibration) -> np.ndarray:
+    """(Z, H, W) each pixel's noise variance, in the units of ``cal.psf``.
+
+    From the calibration's noise model where it is complete (read noise, gain and the
+    bead's signal in ADU: read² + shot, over the frames averaged). Otherwise (an imported
+    stack has no gain; a hand-made one may lack the rest) from the stack itself: the
+    window corners' noise (`calibration_noise`) plus a shot term ``c · signal``, ``c``
+    from the stack's difference from its denoised self where the bead is bright. A stack
+    without noise gets 0.1 % of its peak, squared.
+    """
+    from focaltrack.sim.spline_psf import calibration_noise, denoised
+
+    psf = np.asarray(cal.psf, dtype=np.float64)
+    n_avg = max(int(cal.n_averages), 1)
+    scale = float(cal.bead_signal_adu)
+    read_adu = float(cal.noise.read_noise_adu)
+    gain = float(cal.noise.gain_e_per_adu)
+    if noise_model_complete(cal):
+        read = read_adu / scale
+        return np.asarray((read * read + np.clip(psf, 0.0, None) / (gain * scale)) / n_avg)
+    floor = (1e-3 * float(np.abs(psf).max())) ** 2
+    noise = calibration_noise(psf, cal.centre_px)
+    if not (noise > 0):
+        return np.full(psf.shape, max(floor, 1e-30))
+    smooth = np.clip(denoised(psf, noise, cal.centre_px), 0.0, None)
+    r2 = (psf - smooth) ** 2
+    a = noise * noise  # the window's corners: read and background noise
+    bright = smooth > 5.0 * noise  # where the bead's own shot noise can show
+    c = 0.0
+    if np.count_nonzero(bright) > 100:
+        c = max(float(np.mean(r2[bright] - a) / np.mean(smooth[bright])), 0.0)
+    return np.asarray(a + c * smooth)
+
+
+def noise_model_complete(cal: Calibration) -> bool:
+    """The calibration's noise model gives every pixel's variance (`pixel_variance`)."""
+    numbers = (cal.bead_signal_adu, cal.noise.read_noise_adu, cal.noise.gain_e_per_adu)
+    return all(math.isfinite(float(v)) and float(v) > 0 for v in numbers)
 
 
 def _ring_growth_kmax(cal: Calibration, kn: float) -> float:
@@ -305,8 +382,8 @@ def fit_pupil(
     iterations: tuple[int, int] = (25, 60),
     single: bool = True,
 ) -> PupilFit:
-    """Fit the pupil to ``cal`` (module docstring). Two to four minutes for a 51-slice
-    128² calibration on one CPU core; quicker for smaller windows and fewer slices."""
+    """Fit the pupil to ``cal`` (module docstring). About 1.5 min for a 51-slice 128²
+    calibration on one CPU core; quicker for smaller windows and fewer slices."""
     import torch
 
     t0 = time.perf_counter()
@@ -316,16 +393,14 @@ def fit_pupil(
     z_all = torch.as_tensor(np.asarray(cal.z_um, dtype=np.float64))
     sel = torch.arange(0, y_all.shape[0], max(int(every), 1))
     y, z = y_all[sel], z_all[sel]
-    scale = float(cal.bead_signal_adu) if math.isfinite(cal.bead_signal_adu) else 1.0
-    read = cal.noise.read_noise_adu / scale
-    gain = cal.noise.gain_e_per_adu
-    shot = 1.0 / (gain * scale) if math.isfinite(gain) and gain > 0 else 0.0
-    var = (read * read + y.clamp_min(0.0) * shot) / max(int(cal.n_averages), 1)
-    if not (read > 0):
-        var = var + float(y.abs().max()) * 1e-4  # a noise-free stack: weight it evenly
-    wt = 1.0 / var
-    a22 = wt.sum((1, 2))
-    b2 = (wt * y).sum((1, 2))
+    w: dict[str, Any] = {}
+
+    def weigh(var: Any) -> None:
+        w["wt"] = 1.0 / var
+        w["a22"] = w["wt"].sum((1, 2))
+        w["b2"] = (w["wt"] * y).sum((1, 2))
+
+    weigh(torch.as_tensor(pixel_variance(cal))[sel])
     kn0 = 1.33 / 0.55
 
     # each fitted slice's own bead position about xy0 (zero mean): a measured stack keeps
@@ -334,32 +409,43 @@ def fit_pupil(
     # walk with aberrations (coma) and draw every depth a little off
     shift = torch.zeros((len(z), 2), dtype=dtype, requires_grad=True)
 
-    def chi2(m: _PupilModel) -> Any:
+    def fitted(m: _PupilModel) -> tuple[Any, Any]:
+        """The model as fitted to each slice (its own scale and offset: weighted least
+        squares, in closed form) and the residual."""
+        wt, a22, b2 = w["wt"], w["a22"], w["b2"]
         mod = m(z, shift - shift.mean(0))
-        # each slice's own scale and offset: weighted least squares, in closed form
         a11 = (wt * mod * mod).sum((1, 2))
         a12 = (wt * mod).sum((1, 2))
         b1 = (wt * mod * y).sum((1, 2))
         det = a11 * a22 - a12 * a12
         s = (b1 * a22 - b2 * a12) / det
         b = (a11 * b2 - a12 * b1) / det
-        r = y - s[:, None, None] * mod - b[:, None, None]
-        return (wt * r * r).sum() / y.numel()
+        signal = s[:, None, None] * mod
+        return signal, y - signal - b[:, None, None]
 
-    # One sign of the defocus is enough: the other one's pupil is this one's with the even
-    # Zernikes negated and the image mirrored, i.e. the odd ones negated too.
+    def chi2(m: _PupilModel) -> Any:
+        _, r = fitted(m)
+        return (w["wt"] * r * r).sum() / y.numel()
+
+    # One sign of the defocus is enough: the other sign gives this one's images with the
+    # even Zernikes (m = 0, 2, 4) negated, which the fit is free to do.
     sign = 1.0
-    m = _PupilModel(cal.window_px, cal.pixel_size_um, dtype, fft_dtype=fft_dtype)
+    kmax0 = _ring_growth_kmax(cal, kn0)
+    # the grid's margin for the widest ring, with a fifth more cone than the start's
+    tan0 = 1.2 * kmax0 / math.sqrt(kn0 * kn0 - kmax0 * kmax0)
+    reach = float(np.max(np.abs(np.asarray(cal.z_um) - float(cal.z_um[0]))))
+    margin = _margin_px(cal.window_px, reach, tan0, cal.pixel_size_um)
+    m = _PupilModel(cal.window_px, cal.pixel_size_um, dtype, fft_dtype=fft_dtype, margin_px=margin)
     m.sign = sign
     with torch.no_grad():
         m.log_kn.fill_(math.log(kn0))
-        m.log_kmax.fill_(math.log(_ring_growth_kmax(cal, kn0)))
+        m.log_kmax.fill_(math.log(kmax0))
         m.xy0.copy_(torch.tensor(cal.centre_px, dtype=dtype))
         m.z0.fill_(float(z_all[0]))
-    stages = (
+    stages: list[tuple[list[Any], int]] = [
         ([m.log_kmax, m.log_kn, m.xy0, m.z0], iterations[0]),
         ([m.log_kmax, m.log_kn, m.xy0, m.z0, m.zern, m.sph_slope, m.amp, shift], iterations[1]),
-    )
+    ]
     value = math.inf
     for params, n in stages:
         opt = torch.optim.LBFGS(
