@@ -69,6 +69,8 @@ __all__ = [
     "with_pupil",
 ]
 
+#: Fewer slices than this are not fitted (the spline models need 4: `focaltrack.sim.synth`).
+MIN_SLICES = 4
 #: The Zernike terms fitted (Noll indices).
 NOLL = (5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 22)
 #: A fit is kept when its noise-weighted χ² per pixel is at most this (1 = the noise).
@@ -484,6 +486,10 @@ def with_pupil(cal: Calibration, *, log_line: Any = None, **fit_kwargs: Any) -> 
     import dataclasses
 
     if PupilFit.from_extra(cal.extra) is not None:
+        return cal
+    if len(cal.z_um) < MIN_SLICES:
+        # the synthesizer draws such a stack from its raw slices (no spline): one model
+        # convention for every part, the stack's
         return cal
     fit = fit_pupil(cal, **fit_kwargs)
     if log_line is not None:

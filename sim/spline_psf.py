@@ -38,14 +38,19 @@ the stack's z range the model holds its end slices' value (the callers clamp z a
 
 from __future__ import annotations
 
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from focaltrack.calibration import Calibration
+
+if TYPE_CHECKING:
+    from focaltrack.calibration.pupil import PupilFit
 
 __all__ = [
     "PSFWindows",
@@ -152,6 +157,9 @@ def angular_projection(
 #: `model_stack`'s results by calibration content, the most recent few (read-only arrays)
 _MODEL_STACKS: OrderedDict[tuple[object, ...], tuple[np.ndarray, float]] = OrderedDict()
 _MODEL_STACKS_KEPT = 4
+#: held while a model stack is looked up or made: two threads building a localizer for one
+#: calibration make its model once, and eviction cannot come between a look-up and its use
+_MODEL_STACKS_LOCK = threading.Lock()
 
 
 def model_stack(calibration: Calibration, *, denoise: bool = True) -> tuple[np.ndarray, float]:
@@ -173,6 +181,13 @@ def model_stack(calibration: Calibration, *, denoise: bool = True) -> tuple[np.n
         bool(denoise),
         None if pupil is None else pupil.key(),
     )
+    with _MODEL_STACKS_LOCK:
+        return _model_stack(calibration, key, pupil, denoise)
+
+
+def _model_stack(
+    calibration: Calibration, key: tuple[object, ...], pupil: PupilFit | None, denoise: bool
+) -> tuple[np.ndarray, float]:
     if key in _MODEL_STACKS:
         _MODEL_STACKS.move_to_end(key)
         return _MODEL_STACKS[key]

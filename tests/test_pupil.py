@@ -188,3 +188,9 @@ def test_training_fits_the_pupil_once_and_the_bundle_keeps_it(stacks, tmp_path):
     assert any(line.startswith("train: pupil: NA/λ") for line in lines)
     kept = load_bundle(tmp_path / "m").calibration
     assert kept.sha256 == cal.sha256 and pupil_of(kept) is not None
+
+
+def test_a_three_slice_calibration_is_left_as_it_is(stacks):
+    cal = stacks[0]
+    short = dataclasses.replace(cal, psf=cal.psf[:3], z_um=cal.z_um[:3])
+    assert with_pupil(short) is short
