@@ -187,3 +187,23 @@ def test_show_refuses_what_is_not_a_recording(tmp_path, capsys):
     assert main(["show", str(rec), "--png", str(rec)]) == 2
     assert "would overwrite the recording" in capsys.readouterr().err
     assert read_recording_view(rec).image is not None  # untouched
+
+
+def test_rows_past_the_writers_flushed_count_are_not_read(tmp_path):
+    # HDF5 can show a live file's new rows before their values: zeros, which would be
+    # localizations at (0, 0, 0) in frame 0. `show` and `track` read what `flushed` counts.
+    from focaltrack.daemon.commands.track import read_recording
+
+    rec = tmp_path / "rec.h5"
+    _record(rec)
+    before = read_recording_view(rec)
+    table = read_recording(rec)
+    with h5py.File(rec, "r+") as f:
+        for group, extra in (("frame_meta", 2), ("localizations", 5), ("tracks", 4)):
+            for name in f[group]:
+                f[f"{group}/{name}"].resize(f[f"{group}/{name}"].shape[0] + extra, axis=0)
+    after = read_recording_view(rec)
+    assert after.counters == before.counters
+    again = read_recording(rec)
+    np.testing.assert_array_equal(again.frame, table.frame)
+    np.testing.assert_array_equal(again.xyz_um, table.xyz_um)

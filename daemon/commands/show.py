@@ -143,9 +143,15 @@ def read_recording_view(path: Path, *, frame: int | None = None) -> RecordingVie
                 f"expected {RECORDING_KIND!r} with {', '.join(groups)})"
             )
         attrs = dict(f.attrs.items())
-        meta = _table(f["frame_meta"], ("index", "t_acq_s"))
-        loc = _table(f["localizations"], ("frame", "x_um", "y_um", "z_um"))
-        tracks = _table(f["tracks"], ("frame", "track_id", "x_um", "y_um", "z_um", "status"))
+        # a recording still written, or left by a crash, vouches for its rows in `flushed`
+        # (rows past it can read as zeros); a file without it has only its lengths
+        vouched = f.get("flushed")
+        n_rows = [int(v) for v in vouched[()]] if isinstance(vouched, h5py.Dataset) else [None] * 3
+        meta = _table(f["frame_meta"], ("index", "t_acq_s"), n_rows[0])
+        loc = _table(f["localizations"], ("frame", "x_um", "y_um", "z_um"), n_rows[1])
+        tracks = _table(
+            f["tracks"], ("frame", "track_id", "x_um", "y_um", "z_um", "status"), n_rows[2]
+        )
         codes = h5py.check_enum_dtype(f["tracks/status"].dtype) or {"tentative": 0}
         # every state past tentative is an established track (confirmed, and any later one)
         tentative = int(codes.get("tentative", 0))
@@ -198,11 +204,14 @@ def _text(v: Any) -> str:
     return "" if v is None else str(v)
 
 
-def _table(group: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
+def _table(group: Any, names: Sequence[str], rows: int | None = None) -> dict[str, np.ndarray]:
     """The named columns of a table; a file left by a crash may hold columns of unequal
-    length (the writer appends one dataset after another): cut to the shortest."""
+    length (the writer appends one dataset after another): cut to the shortest, and to
+    ``rows`` (what the writer vouched for) where given."""
     cols = {n: np.asarray(group[n][()]) for n in names}
     n = min(len(v) for v in cols.values())
+    if rows is not None:
+        n = min(n, rows)
     return {k: v[:n] for k, v in cols.items()}
 
 

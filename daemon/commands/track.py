@@ -258,14 +258,24 @@ def read_recording(path: Path) -> LocalizationTable:
         if "frame_meta" not in f or "localizations" not in f:
             raise ValueError(f"{path}: not a focaltrack recording (no frame_meta, localizations)")
         g, m = f["localizations"], f["frame_meta"]
-        frame = np.asarray(g["frame"][()], dtype=np.int64)
-        xyz = np.stack([np.asarray(g[c][()], dtype=np.float64) for c in REQUIRED[1:]], 1)
-        score = np.asarray(g["score"][()], dtype=np.float64)
-        sigma = _sigma_columns({c: g[c][()] for c in SIGMA_COLUMNS if c in g}, len(frame))
-        tracked = np.asarray(f["tracks/frame"][()], dtype=np.int64) if "tracks" in f else frame
-        idx = np.asarray(m["index"][()], dtype=np.int64)
-        t = np.asarray(m["t_acq_s"][()], dtype=np.float64)
-        z = np.asarray(m["stage_z_um"][()], dtype=np.float64)
+        # rows its writer vouched for (a recording still written or left by a crash: rows
+        # past them can read as zeros), and no column longer than the shortest
+        vouched = f.get("flushed")
+        n_meta, n_loc, n_trk = (
+            (int(v) for v in vouched[()]) if isinstance(vouched, h5py.Dataset) else (None,) * 3
+        )
+        loc_cols = [c for c in (*REQUIRED, "score", *SIGMA_COLUMNS) if c in g]
+        n_loc = min([g[c].shape[0] for c in loc_cols] + ([n_loc] if n_loc is not None else []))
+        meta_cols = ("index", "t_acq_s", "stage_z_um")
+        n_meta = min([m[c].shape[0] for c in meta_cols] + ([n_meta] if n_meta is not None else []))
+        frame = np.asarray(g["frame"][:n_loc], dtype=np.int64)
+        xyz = np.stack([np.asarray(g[c][:n_loc], dtype=np.float64) for c in REQUIRED[1:]], 1)
+        score = np.asarray(g["score"][:n_loc], dtype=np.float64)
+        sigma = _sigma_columns({c: g[c][:n_loc] for c in SIGMA_COLUMNS if c in g}, len(frame))
+        tracked = np.asarray(f["tracks/frame"][:n_trk], dtype=np.int64) if "tracks" in f else frame
+        idx = np.asarray(m["index"][:n_meta], dtype=np.int64)
+        t = np.asarray(m["t_acq_s"][:n_meta], dtype=np.float64)
+        z = np.asarray(m["stage_z_um"][:n_meta], dtype=np.float64)
         field = _recording_field(f.attrs)
     keep = np.isin(idx, np.union1d(frame, tracked))
     return LocalizationTable(
