@@ -326,7 +326,7 @@ def pixel_variance(cal: Calibration) -> np.ndarray:
     from the stack's difference from its denoised self where the bead is bright. A stack
     without noise gets 0.1 % of its peak, squared.
     """
-    from focaltrack.sim.spline_psf import calibration_noise, denoised
+    from focaltrack.calibration.denoise import calibration_noise, denoised
 
     psf = np.asarray(cal.psf, dtype=np.float64)
     n_avg = max(int(cal.n_averages), 1)
