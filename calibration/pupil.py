@@ -494,6 +494,12 @@ def with_pupil(cal: Calibration, *, log_line: Any = None, **fit_kwargs: Any) -> 
     fit = fit_pupil(cal, **fit_kwargs)
     if log_line is not None:
         log_line(describe(fit))
+        if not fit.acceptable and not noise_model_complete(cal):
+            log_line(
+                "pupil: the calibration has no camera gain (an imported stack), so its shot "
+                "noise was estimated from the stack; `focaltrack calibrate --from-file ... "
+                "--gain E_PER_ADU` gives it"
+            )
     return dataclasses.replace(cal, extra={**cal.extra, **fit.to_extra()})
 
 

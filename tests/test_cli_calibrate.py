@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -83,7 +84,12 @@ def test_calibrate_from_tiff_and_hdf5(tmp_path, tif, stack, capsys):
     assert cal.bead_xy_px == pytest.approx(tuple(stack.truth_xy[0]), abs=0.15)
     assert cal.source.startswith("file:") and cal.source.endswith("stack.tif")
     assert cal.n_averages == 1 and cal.bit_depth == 16
+    assert math.isnan(cal.noise.gain_e_per_adu)  # a stack of single frames cannot show it
     assert "wrote" in capsys.readouterr().out
+    # the camera's gain, where the user knows it (the pupil fit weighs the pixels with it)
+    out_g = tmp_path / "cal_gain.h5"
+    assert main([*args, "--gain", "0.46", "--out", str(out_g)]) == 0
+    assert Calibration.load(out_g).noise.gain_e_per_adu == pytest.approx(0.46)
 
     h5 = tmp_path / "stack.h5"
     with h5py.File(h5, "w") as f:
@@ -148,6 +154,8 @@ def _bad_cases(tmp: Path, stack) -> dict[str, tuple[list[str], str]]:
             "does not exist",
         ),
         "attach-with-from-file": ([*ff, str(tmp / "good.tif"), "--attach"], "--attach is for"),
+        "gain-without-from-file": (["calibrate", *SIM_FAST, "--gain", "0.5"], "--gain is for"),
+        "gain-zero": ([*ff, str(tmp / "good.tif"), "--gain", "0"], "--gain"),
     }
 
 

@@ -136,6 +136,15 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "states none; else overrides the driver's",
     )
     g.add_argument(
+        "--gain",
+        type=_positive(float, "--gain"),
+        default=None,
+        metavar="E_PER_ADU",
+        help="--from-file: the camera's conversion gain (photo-electrons per ADU, from its "
+        "data sheet), which a stack of averages cannot show; the pupil fit that training "
+        "makes weighs the stack's pixels with it (without it, from the stack itself)",
+    )
+    g.add_argument(
         "--bit-depth",
         type=_positive(int, "--bit-depth"),
         default=None,
@@ -189,6 +198,8 @@ def run(args: argparse.Namespace) -> int:
     from focaltrack.calibration import load_stack_file, process_stack, summary
 
     _check_common(args)
+    if args.from_file is None and getattr(args, "gain", None) is not None:
+        raise ValueError("--gain is for --from-file (an acquisition measures the gain itself)")
     if args.from_file is not None:
         for opt in ("mm_app_path", "mm_config"):
             if getattr(args, opt) is not None:
@@ -230,6 +241,12 @@ def run(args: argparse.Namespace) -> int:
             n_averages=int(n_avg),
             extra={"input_dtype": str(stack.dtype)},
         )
+        if args.gain is not None:
+            import dataclasses
+
+            cal = dataclasses.replace(
+                cal, noise=dataclasses.replace(cal.noise, gain_e_per_adu=float(args.gain))
+            )
     else:
         cal = _acquire(args)
     cal.save(args.out)
