@@ -384,7 +384,7 @@ def fit_pupil(
     iterations: tuple[int, int] = (25, 60),
     single: bool = True,
 ) -> PupilFit:
-    """Fit the pupil to ``cal`` (module docstring). About 1.5 min for a 51-slice 128²
+    """Fit the pupil to ``cal`` (module docstring). 1.5–5 min for a 51-slice 128²
     calibration on one CPU core; quicker for smaller windows and fewer slices."""
     import torch
 

@@ -77,7 +77,7 @@ class Preset:
     val_background_e: float = 14.4  # e⁻/px: 20 photons at QE 0.72, as `evaluate` uses
     # fit the calibration's pupil first, where it has none (`focaltrack.calibration.pupil`):
     # the training images and the bundle's models are then drawn without the stack's noise;
-    # about 1.5 min for a 128² × 51 calibration (off for the unit tests' small model)
+    # 1.5–5 min for a 128² × 51 calibration (off for the unit tests' small model)
     pupil_fit: bool = True
     lateral: LateralConfig = field(default_factory=LateralConfig)
     axial: AxialConfig = field(default_factory=AxialConfig)
@@ -274,7 +274,7 @@ def train(
         from focaltrack.calibration.pupil import PupilFit, with_pupil
 
         if PupilFit.from_extra(calibration.extra) is None:
-            log("train: fitting the calibration's pupil first (1–2 min for 51 slices of 128² px)")
+            log("train: fitting the calibration's pupil first (1.5–5 min for 51 slices of 128² px)")
         calibration = with_pupil(calibration, log_line=lambda s: log(f"train: {s}"))
     synth = Synthesizer(calibration, preset.synth, device=dev, seed=distributed.rank_seed(seed, rk))
     n_bins = len(calibration.z_um)
