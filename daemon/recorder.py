@@ -67,6 +67,7 @@ import numpy as np
 
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.records import (
+    FLUSHED,
     STATUS_CODES,
     FrameMeta,
     Localizations,
@@ -105,8 +106,6 @@ FRAME_META_COLUMNS: dict[str, str] = hdf5_columns(FrameMeta)
 LOC_COLUMNS: dict[str, str] = hdf5_columns(Localizations)
 TRACK_COLUMNS: dict[str, str] = hdf5_columns(Tracks)
 _TABLE_CHUNK = 4096
-#: Root dataset of the rows on disk for certain: (frames, localizations, track rows).
-FLUSHED = "flushed"
 #: Write out early when this many frames are waiting (bounds the writer's memory).
 _MAX_PENDING_FRAMES = 32
 

@@ -59,7 +59,8 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from focaltrack.common.errors import FocaltrackError
-from focaltrack.daemon.recorder import FLUSHED, FRAME_META_COLUMNS, RECORDING_KIND
+from focaltrack.daemon.recorder import FRAME_META_COLUMNS, RECORDING_KIND
+from focaltrack.records import flushed_counts
 
 if sys.platform != "win32":
     import fcntl
@@ -336,9 +337,8 @@ def _make_consistent(f: Any) -> int:
     n = min(lengths, default=0)
     # What the writer vouched for after its last flush (recordings since the count was
     # added): rows past it may read as zeros, their values never flushed.
-    vouched = f.get(FLUSHED)
-    counts = [int(c) for c in vouched[()]] if vouched is not None else None
-    if counts is not None:
+    counts = flushed_counts(f)
+    if counts[0] is not None:
         n = min(n, counts[0])
     if frames is not None:
         # A row whose chunk never reached the disk reads as zeros: not a recovered frame.
@@ -353,8 +353,9 @@ def _make_consistent(f: Any) -> int:
             continue
         cols = [g[name] for name in g]
         m = min((ds.shape[0] for ds in cols), default=0)
-        if counts is not None:
-            m = min(m, counts[i])
+        vouched = counts[i]
+        if vouched is not None:
+            m = min(m, vouched)
         for ds in cols:
             if ds.shape[0] > m:
                 ds.resize(m, axis=0)

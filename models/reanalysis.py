@@ -42,7 +42,7 @@ import numpy as np
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.common.files import atomic_path
 from focaltrack.common.progress import progress_bar
-from focaltrack.records import Localizations, columns_of, csv_columns
+from focaltrack.records import Localizations, columns_of, csv_columns, flushed_counts
 from focaltrack.records.columns import csv_rows
 
 if TYPE_CHECKING:
@@ -183,11 +183,11 @@ def _h5_source(path: Path, dataset: str | None) -> FrameSource:
             name = found[0]
         ds = f[name]
         shape = tuple(ds.shape)
-        vouched = f.get("flushed")
-        if name == "frames" and isinstance(vouched, h5py.Dataset) and len(shape) == 3:
+        vouched = flushed_counts(f)[0]
+        if name == "frames" and vouched is not None and len(shape) == 3:
             # A recording still written, or left by a crash: only the frames its writer
             # vouched for after a flush (rows past them can still read as zeros).
-            shape = (min(shape[0], int(vouched[0])), *shape[1:])
+            shape = (min(shape[0], vouched), *shape[1:])
         n, h, w = _frames_shape(path, shape)
         z = f.get("frame_meta/stage_z_um")
         has_z = isinstance(z, h5py.Dataset) and z.ndim == 1 and z.shape[0] >= n

@@ -7,12 +7,14 @@ datasets and the CSV columns of the offline commands are generated from those de
 """
 
 from focaltrack.records.columns import (
+    FLUSHED,
     Column,
     column,
     columns_of,
     concat,
     csv_columns,
     fill_absent,
+    flushed_counts,
     hdf5_columns,
     to_columns,
 )
@@ -28,6 +30,7 @@ from focaltrack.records.wire import (
 )
 
 __all__ = [
+    "FLUSHED",
     "SCHEMA_VERSIONS",
     "STATUS_CODES",
     "TRACK_SCHEMA_VERSION",
@@ -45,6 +48,7 @@ __all__ = [
     "concat",
     "csv_columns",
     "fill_absent",
+    "flushed_counts",
     "hdf5_columns",
     "to_columns",
 ]

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import numpy as np
 
 __all__ = [
+    "FLUSHED",
     "Column",
     "column",
     "columns_of",
@@ -28,11 +29,17 @@ __all__ = [
     "csv_columns",
     "csv_rows",
     "fill_absent",
+    "flushed_counts",
     "hdf5_columns",
     "to_columns",
 ]
 
 _KEY = "focaltrack.column"
+
+#: A recording's root dataset of the rows on disk for certain, written by its recorder after
+#: each flush: (frames, localizations, track rows). HDF5 can show a live file's new rows
+#: before their values reach the disk, so a follower reads up to these counts.
+FLUSHED = "flushed"
 
 #: ``"required"``: in every header of the topic; ``"optional"``: in the schema, sent when
 #: known; ``None``: not on the wire.
@@ -183,3 +190,14 @@ def check_lengths(cols: Mapping[str, Any]) -> int:
     if len(lengths) > 1:
         raise ValueError(f"columns have different lengths: {sorted(lengths)}")
     return lengths.pop() if lengths else 0
+
+
+def flushed_counts(f: Any) -> tuple[int | None, int | None, int | None]:
+    """(frames, localizations, track rows) a recording's writer vouched for (`FLUSHED`) in
+    the open HDF5 file ``f``; None each in a file without the count (written before it was
+    added), which has only its datasets' lengths."""
+    ds = f.get(FLUSHED)
+    if ds is None or getattr(ds, "shape", None) != (3,):
+        return None, None, None
+    frames, locs, tracks = (int(v) for v in ds[()])
+    return frames, locs, tracks

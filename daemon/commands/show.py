@@ -24,6 +24,7 @@ import numpy as np
 from focaltrack.common.errors import FocaltrackError
 from focaltrack.common.files import fmt
 from focaltrack.daemon.argtypes import positive_int
+from focaltrack.records import flushed_counts
 
 if TYPE_CHECKING:
     from focaltrack.models.recording_figure import RecordingFigure, RecordingView
@@ -145,8 +146,7 @@ def read_recording_view(path: Path, *, frame: int | None = None) -> RecordingVie
         attrs = dict(f.attrs.items())
         # a recording still written, or left by a crash, vouches for its rows in `flushed`
         # (rows past it can read as zeros); a file without it has only its lengths
-        vouched = f.get("flushed")
-        n_rows = [int(v) for v in vouched[()]] if isinstance(vouched, h5py.Dataset) else [None] * 3
+        n_rows = flushed_counts(f)
         meta = _table(f["frame_meta"], ("index", "t_acq_s"), n_rows[0])
         loc = _table(f["localizations"], ("frame", "x_um", "y_um", "z_um"), n_rows[1])
         tracks = _table(

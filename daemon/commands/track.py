@@ -31,7 +31,7 @@ import numpy as np
 
 from focaltrack.common.files import atomic_path
 from focaltrack.daemon.argtypes import positive_float
-from focaltrack.records import STATUS_CODES, Tracks, columns_of, csv_columns
+from focaltrack.records import STATUS_CODES, Tracks, columns_of, csv_columns, flushed_counts
 from focaltrack.records.columns import csv_rows
 from focaltrack.records.localizations import SIGMA_COLUMNS
 
@@ -260,10 +260,7 @@ def read_recording(path: Path) -> LocalizationTable:
         g, m = f["localizations"], f["frame_meta"]
         # rows its writer vouched for (a recording still written or left by a crash: rows
         # past them can read as zeros), and no column longer than the shortest
-        vouched = f.get("flushed")
-        n_meta, n_loc, n_trk = (
-            (int(v) for v in vouched[()]) if isinstance(vouched, h5py.Dataset) else (None,) * 3
-        )
+        n_meta, n_loc, n_trk = flushed_counts(f)
         loc_cols = [c for c in (*REQUIRED, "score", *SIGMA_COLUMNS) if c in g]
         n_loc = min([g[c].shape[0] for c in loc_cols] + ([n_loc] if n_loc is not None else []))
         meta_cols = ("index", "t_acq_s", "stage_z_um")
