@@ -271,10 +271,8 @@ def train(
     t_start = time.perf_counter()
     if preset.pupil_fit:
         # every rank fits the same stack the same way (a data-parallel run pays it per rank)
-        from focaltrack.calibration.pupil import PupilFit, with_pupil
+        from focaltrack.calibration.pupil import with_pupil
 
-        if PupilFit.from_extra(calibration.extra) is None:
-            log("train: fitting the calibration's pupil first (1.5–5 min for 51 slices of 128² px)")
         calibration = with_pupil(calibration, log_line=lambda s: log(f"train: {s}"))
     synth = Synthesizer(calibration, preset.synth, device=dev, seed=distributed.rank_seed(seed, rk))
     n_bins = len(calibration.z_um)
