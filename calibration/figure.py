@@ -107,15 +107,18 @@ def render_figure(cal: Calibration, path: str | os.PathLike[str], *, dpi: int = 
     if isinstance(xs, np.ndarray) and isinstance(ys, np.ndarray) and xs.size == nz:
         ax_d = ax_int.twinx()
         dx, dy = cal.extra.get("drift_x_px"), cal.extra.get("drift_y_px")
+        drift = (
+            (dx, dy)
+            if isinstance(dx, np.ndarray) and isinstance(dy, np.ndarray) and dx.size == nz
+            else None
+        )
         # re-centred on the first slice's drift where it is stored (its centre otherwise):
         # the dots are the centres found, the line the drift removed
-        x0, y0 = float(xs[0]), float(ys[0])
-        smooth = isinstance(dx, np.ndarray) and isinstance(dy, np.ndarray) and dx.size == nz
-        if isinstance(dx, np.ndarray) and isinstance(dy, np.ndarray) and smooth:
-            x0, y0 = float(dx[0]), float(dy[0])
+        x0, y0 = (float(xs[0]), float(ys[0])) if drift is None else (drift[0][0], drift[1][0])
         ax_d.plot(z, (xs - x0) * px, ".", ms=3, color="tab:green", label="bead x, found")
         ax_d.plot(z, (ys - y0) * px, ".", ms=3, color="tab:red", label="bead y, found")
-        if isinstance(dx, np.ndarray) and isinstance(dy, np.ndarray) and smooth:
+        if drift is not None:
+            dx, dy = drift
             ax_d.plot(z, (dx - x0) * px, "-", color="tab:green", label="x drift removed")
             ax_d.plot(z, (dy - y0) * px, "-", color="tab:red", label="y drift removed")
         ax_d.set_ylabel("lateral drift, re-centred (µm)")

@@ -106,11 +106,11 @@ def process_stack(
         if np.array_equal(now, jumped):
             break
         jumped = now
-    if np.any(off > JUMP_WARN_PX):
+    if jumped.any():
         # A stage that jumped (a knock) is not followed by a smooth drift: those slices
         # keep the centre found in them (far beyond a centroid's scatter), and the log
         # says where.
-        k = np.nonzero(off > JUMP_WARN_PX)[0]
+        k = np.nonzero(jumped)[0]
         ys[k], xs[k] = found_y[k], found_x[k]
         log.warning(
             "calibration: in %d slice(s) (z %s µm) the bead's centre was found up to %.1f px "
