@@ -395,14 +395,10 @@ def fit_pupil(
     z_all = torch.as_tensor(np.asarray(cal.z_um, dtype=np.float64))
     sel = torch.arange(0, y_all.shape[0], max(int(every), 1))
     y, z = y_all[sel], z_all[sel]
-    w: dict[str, Any] = {}
-
-    def weigh(var: Any) -> None:
-        w["wt"] = 1.0 / var
-        w["a22"] = w["wt"].sum((1, 2))
-        w["b2"] = (w["wt"] * y).sum((1, 2))
-
-    weigh(torch.as_tensor(pixel_variance(cal))[sel])
+    wt = 1.0 / torch.as_tensor(pixel_variance(cal))[sel]
+    # the parts of each slice's scale-and-offset solve that do not depend on the model
+    a22 = wt.sum((1, 2))
+    b2 = (wt * y).sum((1, 2))
     kn0 = 1.33 / 0.55
 
     # each fitted slice's own bead position about xy0 (zero mean): a measured stack keeps
@@ -414,7 +410,6 @@ def fit_pupil(
     def fitted(m: _PupilModel) -> tuple[Any, Any]:
         """The model as fitted to each slice (its own scale and offset: weighted least
         squares, in closed form) and the residual."""
-        wt, a22, b2 = w["wt"], w["a22"], w["b2"]
         mod = m(z, shift - shift.mean(0))
         a11 = (wt * mod * mod).sum((1, 2))
         a12 = (wt * mod).sum((1, 2))
@@ -427,18 +422,16 @@ def fit_pupil(
 
     def chi2(m: _PupilModel) -> Any:
         _, r = fitted(m)
-        return (w["wt"] * r * r).sum() / y.numel()
+        return (wt * r * r).sum() / y.numel()
 
-    # One sign of the defocus is enough: the other sign gives this one's images with the
-    # even Zernikes (m = 0, 2, 4) negated, which the fit is free to do.
-    sign = 1.0
     kmax0 = _ring_growth_kmax(cal, kn0)
     # the grid's margin for the widest ring, with a fifth more cone than the start's
     tan0 = 1.2 * kmax0 / math.sqrt(kn0 * kn0 - kmax0 * kmax0)
     reach = float(np.max(np.abs(np.asarray(cal.z_um) - float(cal.z_um[0]))))
     margin = _margin_px(cal.window_px, reach, tan0, cal.pixel_size_um)
+    # its defocus sign stays +1: the other sign gives these images with the even Zernikes
+    # (m = 0, 2, 4) negated, which the fit is free to do
     m = _PupilModel(cal.window_px, cal.pixel_size_um, dtype, fft_dtype=fft_dtype, margin_px=margin)
-    m.sign = sign
     with torch.no_grad():
         m.log_kn.fill_(math.log(kn0))
         m.log_kmax.fill_(math.log(kmax0))
